@@ -1,0 +1,3 @@
+"""Built-in passes; importing this package registers them."""
+
+from passes import calibrate, canonicalize, fold_bn, plan  # noqa: F401

@@ -1,0 +1,127 @@
+"""calibrate: activation ranges from streamed statistics, weight ranges per channel.
+
+Activation statistics are an analysis (cached in the pass context): the
+calibration set is streamed once through ORT with the needed intermediate
+tensors exposed in memory, keeping a bounded histogram per tensor.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+import numpy as np
+
+from qonnx.ir import Model
+from qonnx.ort import make_session, with_outputs
+from qonnx.pipeline import Pass, PassResult, option, register
+from qonnx.qtable import QuantState, Role
+from qonnx.quant import scale_zero_point
+from qonnx.ranges import ACTIVATION_METHODS, WEIGHT_METHODS, RangeOptions, activation_range, weight_range
+from qonnx.stats import TensorHistogram
+
+log = logging.getLogger(__name__)
+STATS_ANALYSIS = "activation-stats"
+INT32_LIMIT = 2**31 - 1
+
+
+def collect_activation_stats(model: Model, names: list[str], ctx, batch_size: int = 8,
+                             samples: int = 0) -> dict[str, TensorHistogram]:
+    """Stream the calibration set through ORT and histogram the named tensors."""
+    from tqdm import tqdm
+
+    key = (STATS_ANALYSIS, tuple(sorted(names)), samples)
+    cached = ctx.analyses.get(STATS_ANALYSIS)
+    if cached is not None and cached[0] == key:
+        return cached[1]
+    data = ctx.calibration if not samples else ctx.calibration.head(samples)
+    graph_inputs = {t.name for t in model.inputs}
+    wanted = [n for n in names if n not in graph_inputs]
+    proto = with_outputs(model.to_onnx(), wanted)
+    session = make_session(proto.SerializeToString(), threads=ctx.options.get("threads"))
+    stats = {n: TensorHistogram() for n in names}
+    with tqdm(total=len(data), desc="calibrating", unit="sample", disable=not ctx.progress, leave=False) as bar:
+        for feed in data.batches(batch_size):
+            values = dict(zip(wanted, session.run(wanted, feed))) if wanted else {}
+            for name in names:
+                stats[name].update(feed[name] if name in graph_inputs else values[name])
+            bar.update(len(next(iter(feed.values()))))
+    ctx.analyses[STATS_ANALYSIS] = (key, stats)
+    return stats
+
+
+@dataclass(frozen=True)
+class CalibrateOptions:
+    method: str = option("octav", "activation range method", choices=ACTIVATION_METHODS)
+    weights: str = option("minmax", "weight range method (per channel)", choices=WEIGHT_METHODS)
+    percentile: float = option(99.999, "percentile for method=percentile")
+    samples: int = option(0, "calibration samples to use (0 = all)")
+    batch_size: int = option(8, "samples per ORT run while collecting statistics")
+
+
+def _guard_bias(bias: np.ndarray, s_x: float, s_w: np.ndarray) -> tuple[np.ndarray, int]:
+    """Raise weight scales of channels whose int32 bias would overflow (dead channels)."""
+    need = np.abs(bias.astype(np.float64)) / (float(s_x) * INT32_LIMIT * 0.5)
+    if s_w.ndim == 0:  # per-tensor weights: one scale must serve every channel
+        need = np.max(need)
+    grow = need > s_w
+    return np.where(grow, need, s_w).astype(np.float32), int(np.count_nonzero(grow))
+
+
+@register
+class Calibrate(Pass):
+    name = "calibrate"
+    summary = "set activation ranges from calibration statistics and weight ranges per channel"
+    Options = CalibrateOptions
+    requires = frozenset({"plan", "calibration-data"})
+    provides = frozenset({"calibrated"})
+    forbidden_after = {"rounded": "weights are already rounded (AdaRound): calibrate before rounding"}
+    preserves = frozenset({STATS_ANALYSIS})  # the float graph is not touched
+    exact = True
+    edits_graph = False
+
+    def run(self, model: Model, ctx) -> PassResult:
+        opts = self.options
+        table = model.quant
+        range_opts = RangeOptions(percentile=opts.percentile)
+        acts = table.of_role(Role.ACTIVATION)
+        roots = sorted({table.root(n) for n in acts})
+        stats = collect_activation_stats(model, roots, ctx, opts.batch_size, opts.samples)
+        for name in roots:
+            entry = table.get(name)
+            scheme = entry.scheme if entry is not None else next(iter(acts.values())).scheme
+            rmin, rmax = activation_range(stats[name], scheme, opts.method, range_opts)
+            scale, zp = scale_zero_point(rmin, rmax, scheme)
+            if entry is not None:
+                entry.scale, entry.zero_point, entry.method = scale, zp, opts.method
+                entry.state = QuantState.CALIBRATED
+        for name, entry in acts.items():
+            root = table.root(name)
+            if root != name:
+                src = table.get(root)
+                if src is None or src.scale is None:  # a root quantized only through its tie
+                    rmin, rmax = activation_range(stats[root], entry.scheme, opts.method, range_opts)
+                    entry.scale, entry.zero_point = scale_zero_point(rmin, rmax, entry.scheme)
+                else:
+                    entry.scale, entry.zero_point = src.scale, src.zero_point
+                entry.method, entry.state = opts.method, QuantState.CALIBRATED
+        tensors = model.tensors()
+        for name, entry in table.of_role(Role.WEIGHT).items():
+            if entry.state is QuantState.ROUNDED:
+                continue
+            rmin, rmax = weight_range(model.constant_value(tensors[name]), entry.scheme, opts.weights, range_opts)
+            entry.scale, entry.zero_point = scale_zero_point(rmin, rmax, entry.scheme)
+            entry.method, entry.state = opts.weights, QuantState.CALIBRATED
+        grown = 0
+        for name, entry in table.of_role(Role.BIAS).items():
+            x_name, w_name = entry.bias_of
+            x_entry, w_entry = table.get(x_name), table.get(w_name)
+            bias = model.constant_value(tensors[name])
+            w_entry.scale, n = _guard_bias(bias, float(x_entry.scale), np.asarray(w_entry.scale))
+            grown += n
+            entry.scale = (np.float32(x_entry.scale) * w_entry.scale).astype(np.float32).reshape(-1)
+            entry.zero_point = np.zeros(entry.scale.shape, np.int64)
+            entry.state = QuantState.CALIBRATED
+        return PassResult(model, True, {"activations": len(acts), "tensors_observed": len(roots),
+                                        "samples": len(ctx.calibration) if not opts.samples else opts.samples,
+                                        "bias_scale_guards": grown, "method": opts.method})

@@ -1,0 +1,78 @@
+"""canonicalize: constant folding, Pad-into-Conv, Identity/Dropout removal."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from qonnx.ir import Model
+from qonnx.pipeline import Pass, PassResult, register
+
+
+def _fold_pad_into_conv(model: Model) -> int:
+    """Zero-padding Pad nodes feeding only a Conv become the Conv's own pads (TF 'SAME' exports)."""
+    folded = 0
+    for pad in [n for n in model.nodes if n.op == "Pad"]:
+        mode = pad.attrs.get("mode", "constant")
+        mode = mode.decode() if isinstance(mode, bytes) else mode
+        out = pad.outputs[0]
+        consumers = model.consumers(out)
+        if mode != "constant" or len(consumers) != 1 or consumers[0].op != "Conv" or model.is_graph_output(out):
+            continue
+        conv = consumers[0]
+        if conv.inputs[0] is not out or conv.attrs.get("auto_pad", "NOTSET") not in ("NOTSET", b"NOTSET"):
+            continue
+        pads = model.constant_value(pad.inputs[1]) if len(pad.inputs) > 1 else None
+        value = model.constant_value(pad.inputs[2]) if len(pad.inputs) > 2 and pad.inputs[2].name else None
+        has_axes = len(pad.inputs) > 3 and pad.inputs[3].name
+        if pads is None or has_axes or (value is not None and np.any(value != 0)):
+            continue
+        pads = [int(p) for p in pads.reshape(-1)]
+        rank = len(pads) // 2
+        if rank < 3 or any(p < 0 for p in pads) or pads[0] or pads[1] or pads[rank] or pads[rank + 1]:
+            continue
+        spatial = rank - 2
+        old = list(conv.attrs.get("pads", [0] * (2 * spatial)))
+        begin = [old[i] + pads[2 + i] for i in range(spatial)]
+        end = [old[spatial + i] + pads[rank + 2 + i] for i in range(spatial)]
+        conv.attrs["pads"] = begin + end
+        conv.inputs[0] = pad.inputs[0]
+        pad.outputs.clear()
+        folded += 1
+    return folded
+
+
+def _drop_identities(model: Model) -> int:
+    dropped = 0
+    for node in list(model.nodes):
+        if node.op == "Identity" or (node.op == "Dropout" and
+                                     (len(node.outputs) == 1 or not model.consumers(node.outputs[1]))):
+            if model.used_in_subgraph(node.outputs[0]):
+                continue
+            if len(node.outputs) > 1:
+                del node.outputs[1:]
+            n_before = len(model.nodes)
+            model.bypass(node)
+            dropped += len(model.nodes) < n_before
+    return dropped
+
+
+@register
+class Canonicalize(Pass):
+    name = "canonicalize"
+    summary = "fold constant subgraphs (Shape chains too), fold zero Pads into Conv, drop Identity/Dropout"
+    provides = frozenset({"canonical"})
+    exact = True
+
+    def run(self, model: Model, ctx) -> PassResult:
+        before = len(model.nodes)
+        model.fold_constants()
+        folded_constants = before - len(model.nodes)
+        pads = _fold_pad_into_conv(model)
+        dropped = _drop_identities(model)
+        model.cleanup()
+        if pads or dropped:
+            model.fold_constants()
+        model.infer_shapes()
+        modified = bool(folded_constants or pads or dropped)
+        return PassResult(model, modified, {"nodes_folded": folded_constants, "pads_into_conv": pads,
+                                            "identities_dropped": dropped, "nodes": len(model.nodes)})

@@ -1,0 +1,91 @@
+"""fold-bn: fold BatchNormalization into the preceding Conv/ConvTranspose/Gemm (exact)."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from qonnx.ir import FoldedNorm, Model
+from qonnx.pipeline import Pass, PassResult, register
+
+
+def _bn_affine(model: Model, bn) -> tuple[np.ndarray, np.ndarray] | None:
+    """(multiplier, offset) with BN(y) = y * multiplier + offset, per channel, in float64."""
+    values = [model.constant_value(t) for t in bn.inputs[1:5]]
+    if any(v is None for v in values) or bn.attrs.get("training_mode", 0):
+        return None
+    gamma, beta, mean, var = (np.asarray(v, np.float64) for v in values)
+    eps = float(bn.attrs.get("epsilon", 1e-5))
+    mult = gamma / np.sqrt(var + eps)
+    return mult, beta - mean * mult
+
+
+def _out_channel_axis(model: Model, layer) -> int | None:
+    if layer.op == "Conv":
+        return 0
+    if layer.op == "ConvTranspose":
+        return 1 if int(layer.attrs.get("group", 1)) == 1 else None
+    if layer.op == "Gemm":
+        if float(layer.attrs.get("alpha", 1.0)) != 1.0 or float(layer.attrs.get("beta", 1.0)) != 1.0:
+            return None
+        return 0 if int(layer.attrs.get("transB", 0)) else 1
+    return None
+
+
+def fold_batchnorms(model: Model) -> list[str]:
+    folded = []
+    for bn in [n for n in model.nodes if n.op == "BatchNormalization"]:
+        if len(bn.outputs) != 1 and any(model.consumers(t) for t in bn.outputs[1:]):
+            continue
+        layer = model.producer(bn.inputs[0])
+        if layer is None or len(model.consumers(bn.inputs[0])) != 1 or model.is_graph_output(bn.inputs[0]):
+            continue
+        axis = _out_channel_axis(model, layer)
+        weight = layer.inputs[1] if len(layer.inputs) > 1 else None
+        w = model.constant_value(weight)
+        affine = _bn_affine(model, bn)
+        if axis is None or w is None or affine is None or len(model.consumers(weight)) != 1:
+            continue
+        mult, offset = affine
+        gamma, beta = (np.asarray(model.constant_value(t), np.float64) for t in bn.inputs[1:3])
+        channels = w.shape[axis] * (int(layer.attrs.get("group", 1)) if layer.op == "ConvTranspose" else 1)
+        if mult.shape[0] != channels:
+            continue
+        bias_t = layer.inputs[2] if len(layer.inputs) > 2 and layer.inputs[2].name else None
+        b = model.constant_value(bias_t) if bias_t is not None else np.zeros(channels)
+        if b is None or (bias_t is not None and len(model.consumers(bias_t)) != 1):
+            continue
+        if layer.op == "Gemm" and b.shape != (channels,):
+            continue
+        shape = [1] * w.ndim
+        shape[axis] = -1
+        new_w = (w.astype(np.float64) * mult.reshape(shape)).astype(w.dtype)
+        new_b = (b.astype(np.float64) * mult + offset).astype(w.dtype)
+        weight.values = new_w
+        if bias_t is None:
+            layer.inputs.append(model.make_constant(layer.name + "_bias", new_b))
+        else:
+            bias_t.values = new_b
+        out = bn.outputs[0]
+        layer_out = layer.outputs[0]
+        layer.outputs[0] = out  # the layer now produces the BN's output tensor directly
+        bn.outputs.clear()
+        bn.inputs.clear()
+        layer_out.inputs.clear()
+        model.graph.nodes.remove(bn)
+        # The folded layer's output is distributed as N(beta, gamma^2) per channel.
+        model.folded_norms[out.name] = FoldedNorm(gamma=gamma.copy(), beta=beta.copy())
+        folded.append(layer.name)
+    if folded:
+        model.cleanup()
+    return folded
+
+
+@register
+class FoldBatchNorm(Pass):
+    name = "fold-bn"
+    summary = "fold BatchNormalization into the preceding Conv/ConvTranspose/Gemm (backward, exact)"
+    exact = True
+
+    def run(self, model: Model, ctx) -> PassResult:
+        folded = fold_batchnorms(model)
+        return PassResult(model, bool(folded), {"folded": len(folded)})

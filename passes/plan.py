@@ -1,0 +1,212 @@
+"""plan: decide which nodes run as integer kernels and how each tensor is quantized.
+
+Writes schemes (no parameters yet) into the quant table. The rules follow what
+ONNX Runtime's CPU EP fuses (algorithms.md §1.3):
+- Conv/Gemm/MatMul with float activations become integer layers; weights are
+  int8 symmetric (per output channel by default), activations uint8 asymmetric.
+- A single Relu/Clip after a layer is absorbed: the tensor quantized is the
+  activation's output, whose range starts at 0, so ORT drops the activation.
+- Add/Mul/Concat/pooling run in int8 only when all their inputs are already
+  quantized; data-movement ops (Reshape, MaxPool, ...) share their input's
+  parameters so ORT can drop the Q/DQ around them.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from qonnx.ir import Model
+from qonnx.pipeline import Pass, PassResult, option, register
+from qonnx.qtable import LayerQuant, Role, TensorQuant
+from qonnx.quant import QuantScheme
+
+COMPUTE_OPS = frozenset({"Conv", "Gemm", "MatMul"})
+REQUANT_OPS = frozenset({"Add", "Mul", "Concat", "GlobalAveragePool", "AveragePool"})
+SAME_PARAMS_OPS = frozenset({
+    "Reshape", "Transpose", "Flatten", "Squeeze", "Unsqueeze", "MaxPool", "Resize", "Slice", "Split",
+    "Gather", "Expand", "Tile", "DepthToSpace", "SpaceToDepth",
+})
+ABSORBED_ACTIVATIONS = frozenset({"Relu", "Clip"})
+
+
+@dataclass(frozen=True)
+class PlanOptions:
+    weight_bits: int = option(8, "bits of weight integers", choices=(8,))
+    per_channel: bool = option(True, "one weight scale per output channel (else one per tensor)")
+    activations: str = option("uint8", "activation integer type (uint8 is the fast one on x86)", choices=("uint8",))
+    exclude: tuple[str, ...] = option((), "node names to keep in float, separated by ';'")
+
+
+def weight_axis(model: Model, node) -> int | None:
+    """Output-channel axis of the node's weight tensor (None if the layout is unsupported)."""
+    if node.op == "Conv":
+        return 0
+    if node.op == "Gemm":
+        return 0 if int(node.attrs.get("transB", 0)) else 1
+    if node.op == "MatMul":
+        w = model.constant_value(node.inputs[1])
+        return None if w is None or w.ndim < 2 else w.ndim - 1
+    return None
+
+
+def _clip_bounds(model: Model, node) -> tuple[float, float] | None:
+    if node.op == "Relu":
+        return 0.0, float("inf")
+    lo = model.constant_value(node.inputs[1]) if len(node.inputs) > 1 and node.inputs[1].name else None
+    hi = model.constant_value(node.inputs[2]) if len(node.inputs) > 2 and node.inputs[2].name else None
+    if (len(node.inputs) > 1 and node.inputs[1].name and lo is None) or (
+            len(node.inputs) > 2 and node.inputs[2].name and hi is None):
+        return None
+    lo_v = float(lo) if lo is not None else float(node.attrs.get("min", -np.inf))
+    hi_v = float(hi) if hi is not None else float(node.attrs.get("max", np.inf))
+    return lo_v, hi_v
+
+
+def absorbed_output(model: Model, node):
+    """The tensor to quantize after a layer: the output of a lone following Relu/Clip(0, b)."""
+    out = node.outputs[0]
+    consumers = model.consumers(out)
+    if len(consumers) == 1 and not model.is_graph_output(out) and consumers[0].op in ABSORBED_ACTIVATIONS:
+        bounds = _clip_bounds(model, consumers[0])
+        if bounds is not None and bounds[0] == 0.0 and model.is_float(consumers[0].outputs[0]):
+            return consumers[0].outputs[0]
+    return out
+
+
+class _Planner:
+    def __init__(self, model: Model, opts: PlanOptions):
+        self.model, self.opts = model, opts
+        self.table = model.quant
+        self.act_scheme = QuantScheme(bits=8, signed=False, symmetric=False)
+        self.quantizable: set[str] = set()  # tensors that carry quantized values cheaply
+
+    def activation(self, tensor, tied_to: str | None = None) -> None:
+        entry = self.table.get(tensor.name)
+        if entry is None:
+            self.table.set(tensor.name, TensorQuant(Role.ACTIVATION, self.act_scheme, tied_to=tied_to))
+        self.quantizable.add(tensor.name)
+
+    def keep_float(self, node, reason: str) -> None:
+        if node.op in COMPUTE_OPS:
+            self.table.kept_float[node.name] = reason
+
+    def compute(self, node) -> None:
+        m = self.model
+        x = node.inputs[0]
+        if not m.is_float(x):
+            return self.keep_float(node, "input is not float32")
+        if node.op == "Gemm" and (int(node.attrs.get("transA", 0)) or float(node.attrs.get("alpha", 1)) != 1
+                                  or float(node.attrs.get("beta", 1)) != 1):
+            return self.keep_float(node, "Gemm with transA/alpha/beta is not fused by ORT")
+        w_t = node.inputs[1]
+        w = m.constant_value(w_t)
+        weight_name = bias_name = None
+        if w is not None:
+            axis = weight_axis(m, node)
+            if axis is None or w.dtype != np.float32:
+                return self.keep_float(node, "weight layout or dtype not supported")
+            scheme = QuantScheme(bits=self.opts.weight_bits, signed=True, symmetric=True,
+                                 axis=axis if self.opts.per_channel else None)
+            if (prev := self.table.get(w_t.name)) is not None and prev.scheme != scheme:
+                return self.keep_float(node, "shared weight used with a different layout")
+            self.table.set(w_t.name, TensorQuant(Role.WEIGHT, scheme))
+            weight_name = w_t.name
+            if node.op in ("Conv", "Gemm") and len(node.inputs) > 2 and node.inputs[2].name:
+                b = m.constant_value(node.inputs[2])
+                channels = w.shape[axis]
+                if b is None or b.shape != (channels,) or len(m.consumers(node.inputs[2])) != 1:
+                    return self.keep_float(node, "bias is not a 1-D constant of the layer alone")
+                bias_name = node.inputs[2].name
+        elif node.op == "MatMul" and m.is_float(w_t):
+            self.activation(w_t)  # activation x activation MatMul (attention)
+        else:
+            return self.keep_float(node, "weight is not a constant")
+        self.activation(x)
+        out = absorbed_output(m, node)
+        if node.op == "Conv":  # QLinearConv needs a Q after the layer
+            self.activation(out)
+        else:
+            self.quantizable.add(out.name)
+        if bias_name:
+            scheme = QuantScheme(bits=32, signed=True, symmetric=True, axis=0, narrow=False)
+            self.table.set(bias_name, TensorQuant(Role.BIAS, scheme, bias_of=(x.name, weight_name)))
+        self.table.layers[node.name] = LayerQuant(node.name, node.op, x.name, weight_name, bias_name, out.name)
+
+    def requant(self, node) -> None:
+        m = self.model
+        inputs = [t for t in node.inputs if t.name]
+        if node.op in ("Add", "Mul") and len(inputs) != 2:
+            return
+        if any(m.is_constant(t) or t.name not in self.quantizable or not m.is_float(t) for t in inputs):
+            return
+        if not m.is_float(node.outputs[0]):
+            return
+        for t in inputs:
+            self.activation(t)
+        self.activation(node.outputs[0])
+
+    def same_params(self, node) -> None:
+        m = self.model
+        data = node.inputs[0]
+        if data.name not in self.quantizable or not m.is_float(data):
+            return
+        for out in node.outputs:
+            if m.is_float(out):
+                # Only recorded: an entry (tied to the source) is created if a consumer needs it.
+                self.quantizable.add(out.name)
+                self.parent[out.name] = data.name
+
+    def run(self) -> None:
+        self.parent: dict[str, str] = {}
+        excluded = set(self.opts.exclude)
+        for node in self.model.toposort():
+            if node.name in excluded:
+                self.keep_float(node, "excluded by the user")
+                continue
+            if node.op in COMPUTE_OPS:
+                self.compute(node)
+            elif node.op in REQUANT_OPS:
+                self.requant(node)
+            elif node.op in SAME_PARAMS_OPS:
+                self.same_params(node)
+            elif node.op in ABSORBED_ACTIVATIONS and node.inputs[0].name in self.quantizable:
+                self.quantizable.add(node.outputs[0].name)
+        # A quantized data-movement output shares its source's parameters, and every
+        # tensor of the chain back to the source is quantized too, so that ORT sees
+        # DQ -> op -> Q with equal parameters and runs the op on integers.
+        tensors = self.model.tensors()
+        for name in [n for n in self.table.tensors if n in self.parent]:
+            cur = name
+            while cur in self.parent:
+                src = self.parent[cur]
+                if self.table.get(src) is None:
+                    self.activation(tensors[src])
+                root = src
+                while root in self.parent:
+                    root = self.parent[root]
+                self.table.tensors[cur].tied_to = root
+                cur = src
+
+
+@register
+class Plan(Pass):
+    name = "plan"
+    summary = "choose the integer layers and a quantization scheme for every tensor (no parameters yet)"
+    Options = PlanOptions
+    provides = frozenset({"plan"})
+    exact = True
+    edits_graph = False
+
+    def run(self, model: Model, ctx) -> PassResult:
+        before = (len(model.quant.tensors), len(model.quant.layers))
+        model.quant.clear()
+        _Planner(model, self.options).run()
+        stats = {
+            "layers": len(model.quant.layers),
+            "activations": len(model.quant.of_role(Role.ACTIVATION)),
+            "weights": len(model.quant.of_role(Role.WEIGHT)),
+            "kept_float": len(model.quant.kept_float),
+        }
+        return PassResult(model, (len(model.quant.tensors), len(model.quant.layers)) != before, stats)

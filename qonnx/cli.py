@@ -1,0 +1,136 @@
+"""The `qonnx` command line: optimize, bench, passes."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import sys
+from pathlib import Path
+
+import click
+
+from qonnx.errors import QonnxError
+
+
+def _setup_logging(verbose: int) -> None:
+    level = logging.WARNING if verbose == 0 else logging.INFO if verbose == 1 else logging.DEBUG
+    logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+
+
+def _fail(error: Exception) -> None:
+    message = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+    click.echo(f"error: {message}", err=True)
+    sys.exit(2)
+
+
+def _size(n: int) -> str:
+    return f"{n / 1e6:.2f} MB" if n >= 1e5 else f"{n / 1e3:.1f} kB"
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="qonnx-opt", prog_name="qonnx")
+def main() -> None:
+    """qonnx: post-training quantization of ONNX models for ONNX Runtime."""
+
+
+@main.command()
+@click.argument("model", type=click.Path(dir_okay=False, path_type=Path))
+@click.option("-o", "--output", required=True, type=click.Path(dir_okay=False, path_type=Path),
+              help="Where to write the quantized model (never the input).")
+@click.option("--calib-data", type=click.Path(path_type=Path),
+              help=".npz (keys = input names), a folder of per-sample .npy/.npz, or an image folder.")
+@click.option("--preprocess", help="Image folder preprocessing, e.g. 'resize=256,crop=224,mean=127,std=128'.")
+@click.option("--preset", help="A named pipeline (see `qonnx passes`); default w8a8.")
+@click.option("--passes", "passes_text", help="A pipeline text, e.g. 'canonicalize,fold-bn,plan,calibrate{method=mse}'.")
+@click.option("--format", "fmt", type=click.Choice(["qdq"]), default="qdq", show_default=True)
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--holdout", type=int, default=None, help="Calibration samples held out for the fidelity check.")
+@click.option("--json", "json_out", type=click.Path(dir_okay=False, path_type=Path), help="Also write the report as JSON.")
+@click.option("-v", "--verbose", count=True, help="-v for pass logs, -vv for debug.")
+def optimize(model: Path, output: Path, calib_data: Path | None, preprocess: str | None, preset: str | None,
+             passes_text: str | None, fmt: str, seed: int, holdout: int | None, json_out: Path | None,
+             verbose: int) -> None:
+    """Quantize MODEL and write the result to -o."""
+    _setup_logging(verbose)
+    from qonnx.api import quantize_file
+    from qonnx.pipeline import resolve
+
+    try:
+        pipeline = resolve(preset, passes_text)
+        result = quantize_file(model, output, calib_data, pipeline=pipeline, seed=seed, holdout=holdout,
+                               preprocess=preprocess, progress=sys.stderr.isatty(),
+                               reproducer_dir=output.parent / (output.name + ".reproducer"))
+    except QonnxError as e:
+        _fail(e)
+        return
+    click.echo(f"pipeline: {result.pipeline}")
+    layers = len(result.ir.quant.layers)
+    fused = result.fusion.integer_count if result.fusion else 0
+    click.echo(f"quantized layers: {layers}; {result.fusion.describe() if result.fusion else 'no quantization'}")
+    click.echo(f"size: {_size(result.size_before)} -> {_size(result.size_after)}")
+    if result.fidelity:
+        click.echo("fidelity on held-out samples: " + ", ".join(f"{k}={v}" for k, v in result.fidelity.items()))
+    click.echo("time per pass: " + ", ".join(f"{r.name} {r.seconds:.2f}s" for r in result.records))
+    for note in result.notes:
+        click.echo(f"note: {note}")
+    click.echo(f"wrote {output}")
+    if json_out:
+        from qonnx.ir import write_bytes_atomic
+
+        report = {
+            "pipeline": str(result.pipeline), "layers": layers, "integer_kernels": fused,
+            "size_before": result.size_before, "size_after": result.size_after, "fidelity": result.fidelity,
+            "passes": [dataclasses.asdict(r) for r in result.records], "notes": result.notes,
+        }
+        write_bytes_atomic(json.dumps(report, indent=2, default=str).encode(), json_out)
+
+
+@main.command("passes")
+def list_passes() -> None:
+    """List passes, their options and the presets."""
+    from qonnx.pipeline import PRESETS, registry
+
+    for name, cls in registry().items():
+        click.echo(f"{name}: {cls.summary}")
+        for f in dataclasses.fields(cls.Options):
+            choices = f.metadata.get("choices")
+            extra = f" (one of: {', '.join(map(str, choices))})" if choices else ""
+            click.echo(f"    {f.name}={f.default!r}: {f.metadata.get('help', '')}{extra}")
+    click.echo("\npresets:")
+    for name, (text, doc) in PRESETS.items():
+        click.echo(f"  {name}: {doc}\n      {text}")
+
+
+@main.command()
+@click.argument("models", nargs=-1, required=True, type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@click.option("--data", type=click.Path(exists=True, path_type=Path), help="Evaluation inputs (.npz or folder).")
+@click.option("--labels", type=click.Path(exists=True, dir_okay=False, path_type=Path),
+              help=".npy of integer labels (one per sample) to report accuracy.")
+@click.option("--threads", default="1", show_default=True, help="Thread counts, e.g. '1,2'.")
+@click.option("--runs", type=int, default=50, show_default=True)
+@click.option("--json", "json_out", type=click.Path(dir_okay=False, path_type=Path))
+@click.option("-v", "--verbose", count=True)
+def bench(models: tuple[Path, ...], data: Path | None, labels: Path | None, threads: str, runs: int,
+          json_out: Path | None, verbose: int) -> None:
+    """Compare latency, size and fidelity of MODELS (the first is the reference)."""
+    _setup_logging(verbose)
+    from qonnx.bench import run_bench
+
+    try:
+        thread_counts = [int(t) for t in threads.split(",") if t.strip()]
+        rows = run_bench(list(models), data=data, labels=labels, threads=thread_counts, runs=runs)
+    except (QonnxError, ValueError) as e:
+        _fail(e)
+        return
+    from qonnx.bench import format_table
+
+    click.echo(format_table(rows))
+    if json_out:
+        from qonnx.ir import write_bytes_atomic
+
+        write_bytes_atomic(json.dumps(rows, indent=2).encode(), json_out)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,189 @@
+"""QDQ exporter: IR + quant table -> an ONNX graph of the shapes ORT's CPU EP fuses.
+
+- weights: int8 symmetric constants behind one DequantizeLinear (per channel on
+  the layer's output axis);
+- bias: int32 with scale s_x * s_w (the Conv/Gemm selectors need int32);
+- activations: QuantizeLinear -> a single DequantizeLinear (the S8->U8 and
+  selector rules want exactly one DQ per Q; ORT duplicates shared DQs itself).
+The input model is not modified.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import Counter
+from dataclasses import dataclass, field
+
+import numpy as np
+import onnx
+
+from qonnx.errors import ExportError
+from qonnx.ir import Model
+from qonnx.qtable import QuantState, Role, TensorQuant
+from qonnx.quant import quantize
+
+log = logging.getLogger(__name__)
+
+
+def _np_dtype(entry: TensorQuant) -> type:
+    return entry.scheme.numpy_dtype
+
+
+def _param_constants(m: Model, base: str, entry: TensorQuant, zp_dtype: type):
+    scale = np.asarray(entry.scale, dtype=np.float32)
+    zero_point = np.asarray(entry.zero_point).astype(zp_dtype)
+    if entry.scheme.axis is None:
+        scale, zero_point = scale.reshape(()), zero_point.reshape(())
+    else:
+        scale, zero_point = scale.reshape(-1), zero_point.reshape(-1)
+    return m.make_constant(base + "_scale", scale), m.make_constant(base + "_zero_point", zero_point)
+
+
+def _dq_attrs(entry: TensorQuant, rank: int) -> dict:
+    if entry.scheme.axis is None:
+        return {}
+    return {"axis": int(entry.scheme.axis) % max(rank, 1)}
+
+
+def _export_constant(m: Model, tensor, entry: TensorQuant, codes: np.ndarray) -> None:
+    values = np.asarray(tensor.values)
+    dtype = _np_dtype(entry)
+    q = m.make_constant(tensor.name + "_quantized", codes.astype(dtype))
+    scale, zp = _param_constants(m, tensor.name, entry, dtype)
+    out = m.make_variable(tensor.name + "_dequantized", dtype=np.float32, shape=list(values.shape))
+    m.add_node("DequantizeLinear", [q, scale, zp], [out], _dq_attrs(entry, values.ndim),
+               name=tensor.name + "_DequantizeLinear")
+    m.replace_uses(tensor, out)
+    # Keep new consumers' order stable: DQ nodes go first in the node list.
+    m.graph.nodes.insert(0, m.graph.nodes.pop())
+
+
+def _export_activation(m: Model, tensor, entry: TensorQuant) -> None:
+    dtype = _np_dtype(entry)
+    scale, zp = _param_constants(m, tensor.name, entry, dtype)
+    consumers = [c for c in m.consumers(tensor)]
+    is_output = m.is_graph_output(tensor)
+    quantized = m.make_variable(tensor.name + "_quantized", dtype=dtype, shape=tensor.shape)
+    dequantized = m.make_variable(tensor.name + "_dequantized", dtype=np.float32, shape=tensor.shape)
+    m.add_node("QuantizeLinear", [tensor, scale, zp], [quantized], name=tensor.name + "_QuantizeLinear")
+    m.add_node("DequantizeLinear", [quantized, scale, zp], [dequantized], name=tensor.name + "_DequantizeLinear")
+    for consumer in consumers:
+        consumer.inputs = [dequantized if t is tensor else t for t in consumer.inputs]
+    if is_output:
+        # The graph keeps its interface: the output name now carries the dequantized value.
+        name = tensor.name
+        tensor.name = m.unique_name(name + "_prequant")
+        dequantized.name = name
+        m.graph.outputs = [dequantized if t is tensor else t for t in m.graph.outputs]
+
+
+def _absorb_activation(m: Model, tensor, entry: TensorQuant) -> None:
+    """Drop a Relu/Clip whose whole output range the Q already enforces.
+
+    ORT looks through a Relu before a Q but not through every Clip form, so the
+    exporter removes the activation itself when it is exactly redundant: the Q's
+    representable range [(qmin-zp)s, (qmax-zp)s] lies inside the clip bounds.
+    """
+    node = m.producer(tensor)
+    if node is None or node.op not in ("Relu", "Clip") or m.is_graph_output(tensor):
+        return
+    src = node.inputs[0]
+    if len(m.consumers(src)) != 1 or m.is_graph_output(src) or m.used_in_subgraph(tensor):
+        return
+    from passes.plan import _clip_bounds
+
+    bounds = _clip_bounds(m, node)
+    if bounds is None or np.ndim(entry.scale) != 0:
+        return
+    s, zp = float(entry.scale), int(entry.zero_point)
+    lo_q, hi_q = (entry.scheme.qmin - zp) * s, (entry.scheme.qmax - zp) * s
+    if lo_q < bounds[0] - s / 2 or hi_q > bounds[1] + s / 2:
+        return
+    m.replace_uses(tensor, src)
+    node.inputs.clear()
+    node.outputs.clear()
+    m.graph.nodes.remove(node)
+    src.name, tensor.name = tensor.name, src.name + "_preact"
+
+
+def quantized_weight_codes(entry: TensorQuant, values: np.ndarray) -> np.ndarray:
+    if entry.codes is not None:
+        return np.asarray(entry.codes)
+    return quantize(values, entry.scale, entry.zero_point, entry.scheme)
+
+
+def export_qdq(model: Model) -> onnx.ModelProto:
+    """The QDQ ONNX model for a calibrated IR (the IR itself is left as it was)."""
+    uncalibrated = [n for n, e in model.quant.tensors.items() if not e.calibrated]
+    if uncalibrated:
+        raise ExportError(f"{len(uncalibrated)} tensors have no quantization parameters yet "
+                          f"(e.g. '{uncalibrated[0]}'): run a calibration pass before exporting")
+    m = model.copy()
+    tensors = m.tensors()
+    for name, entry in sorted(m.quant.tensors.items()):
+        tensor = tensors.get(name)
+        if tensor is None:
+            raise ExportError(f"quant table names tensor '{name}', which is not in the graph")
+        if entry.role is Role.ACTIVATION:
+            _absorb_activation(m, tensor, entry)
+            _export_activation(m, m.tensors()[name], entry)
+            continue
+        values = m.constant_value(tensor)
+        if values is None:
+            raise ExportError(f"{entry.role.value} '{name}' is not a constant")
+        if entry.role is Role.WEIGHT:
+            codes = quantized_weight_codes(entry, values)
+        else:  # int32 bias, zero point 0; the scale was checked for overflow at calibration
+            codes = np.clip(np.rint(values.astype(np.float64) / np.asarray(entry.scale, np.float64)),
+                            -(2**31), 2**31 - 1)
+        _export_constant(m, tensor, entry, codes)
+        entry.state = QuantState.EXPORTED
+    m.cleanup()
+    return m.to_onnx()
+
+
+# ------------------------------------------------------------------ fusion report
+INTEGER_KERNELS = frozenset({
+    "QLinearConv", "QLinearMatMul", "QGemm", "MatMulIntegerToFloat", "ConvInteger", "MatMulInteger",
+    "DynamicQuantizeMatMul", "MatMulNBits",
+})
+FLOAT_KERNELS = {"Conv": "Conv", "FusedConv": "Conv", "NhwcFusedConv": "Conv", "Gemm": "Gemm",
+                 "FusedGemm": "Gemm", "MatMul": "MatMul", "FusedMatMul": "MatMul"}
+
+
+@dataclass
+class FusionReport:
+    integer_ops: Counter = field(default_factory=Counter)
+    float_layers: list[tuple[str, str]] = field(default_factory=list)  # (op, node name)
+    qdq_left: int = 0
+
+    @property
+    def integer_count(self) -> int:
+        return sum(self.integer_ops.values())
+
+    def describe(self) -> str:
+        ops = ", ".join(f"{v} {k}" for k, v in sorted(self.integer_ops.items())) or "none"
+        text = f"integer kernels in ORT: {ops}"
+        if self.float_layers:
+            text += f"; float layers: {len(self.float_layers)}"
+        return text
+
+
+def fusion_report(proto: onnx.ModelProto) -> FusionReport:
+    """Read ORT's optimized graph and count integer kernels and layers left in float."""
+    from qonnx.ort import optimized_graph
+
+    optimized = optimized_graph(proto)
+    report = FusionReport()
+    initializers = {i.name for i in optimized.graph.initializer}
+    produced_by_dq = {o for n in optimized.graph.node if n.op_type == "DequantizeLinear" for o in n.output}
+    for node in optimized.graph.node:
+        if node.op_type in INTEGER_KERNELS:
+            report.integer_ops[node.op_type] += 1
+        elif node.op_type in FLOAT_KERNELS:
+            weight = node.input[1] if len(node.input) > 1 else ""
+            if weight in initializers or weight in produced_by_dq:
+                report.float_layers.append((FLOAT_KERNELS[node.op_type], node.name))
+        elif node.op_type in ("QuantizeLinear", "DequantizeLinear"):
+            report.qdq_left += 1
+    return report

@@ -1,0 +1,116 @@
+"""ONNX Runtime helpers: sessions from in-memory bytes, batched runs, latency.
+
+Nothing is written to disk here: calibration exposes intermediate tensors by
+adding graph outputs to an in-memory copy of the model.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import statistics
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterable, Iterator
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+
+log = logging.getLogger(__name__)
+ort.set_default_logger_severity(3)
+
+
+def session_options(threads: int | None = None, level: str = "all", optimized_path: str | None = None
+                    ) -> ort.SessionOptions:
+    opts = ort.SessionOptions()
+    opts.graph_optimization_level = {
+        "none": ort.GraphOptimizationLevel.ORT_DISABLE_ALL,
+        "basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
+        "extended": ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED,
+        "all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL,
+    }[level]
+    if threads:
+        opts.intra_op_num_threads = threads
+        opts.inter_op_num_threads = 1
+    opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    opts.log_severity_level = 3
+    if optimized_path:
+        opts.optimized_model_filepath = optimized_path
+    return opts
+
+
+def make_session(model: bytes | str | os.PathLike[str] | onnx.ModelProto, threads: int | None = None,
+                 level: str = "all") -> ort.InferenceSession:
+    if isinstance(model, onnx.ModelProto):
+        model = model.SerializeToString()
+    if isinstance(model, os.PathLike):
+        model = str(model)
+    return ort.InferenceSession(model, session_options(threads, level), providers=["CPUExecutionProvider"])
+
+
+def optimized_graph(model: bytes | onnx.ModelProto, threads: int = 1) -> onnx.ModelProto:
+    """The graph ORT actually runs (after its fusions), read back from ORT itself."""
+    if isinstance(model, onnx.ModelProto):
+        model = model.SerializeToString()
+    with tempfile.TemporaryDirectory(prefix="qonnx-ort-") as tmp:
+        path = str(Path(tmp) / "optimized.onnx")
+        ort.InferenceSession(model, session_options(threads, "all", path), providers=["CPUExecutionProvider"])
+        return onnx.load(path)
+
+
+def with_outputs(proto: onnx.ModelProto, names: Iterable[str]) -> onnx.ModelProto:
+    """A copy of the model that also returns the named intermediate float tensors."""
+    fresh = onnx.ModelProto()
+    fresh.CopyFrom(proto)
+    existing = {o.name for o in fresh.graph.output}
+    for name in names:
+        if name not in existing:
+            fresh.graph.output.append(onnx.helper.make_tensor_value_info(name, onnx.TensorProto.FLOAT, None))
+            existing.add(name)
+    return fresh
+
+
+def run_batches(session: ort.InferenceSession, batches: Iterable[dict[str, np.ndarray]],
+                outputs: list[str] | None = None) -> Iterator[dict[str, np.ndarray]]:
+    names = outputs or [o.name for o in session.get_outputs()]
+    for feed in batches:
+        yield dict(zip(names, session.run(names, feed)))
+
+
+@dataclass
+class Latency:
+    median_ms: float
+    p10_ms: float
+    p90_ms: float
+    runs: int
+
+    @property
+    def spread(self) -> float:
+        return (self.p90_ms - self.p10_ms) / self.median_ms if self.median_ms else 0.0
+
+
+def measure_latency(sessions: list[ort.InferenceSession], feed: dict[str, np.ndarray], *, warmup: int = 5,
+                    runs: int = 50, min_seconds: float = 0.0) -> list[Latency]:
+    """Median latency of each session, runs interleaved so machine noise hits all alike."""
+    for sess in sessions:
+        for _ in range(warmup):
+            sess.run(None, feed)
+    samples: list[list[float]] = [[] for _ in sessions]
+    start = time.perf_counter()
+    done = 0
+    while done < runs or time.perf_counter() - start < min_seconds:
+        for i, sess in enumerate(sessions):
+            t0 = time.perf_counter()
+            sess.run(None, feed)
+            samples[i].append((time.perf_counter() - t0) * 1000.0)
+        done += 1
+        if done >= 10 * runs:
+            break
+    result = []
+    for s in samples:
+        q = statistics.quantiles(s, n=10) if len(s) >= 2 else [s[0]] * 9
+        result.append(Latency(statistics.median(s), q[0], q[-1], len(s)))
+    return result

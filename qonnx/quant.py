@@ -1,0 +1,147 @@
+"""Quantization schemes and the pure quantize/dequantize math (numpy only).
+
+Conventions follow the ONNX spec (QuantizeLinear divides by the scale and rounds
+half to even) and ORT's `compute_scale_zp` (the range always contains zero;
+symmetric signed grids are restricted to [-(2^(b-1)-1), 2^(b-1)-1]).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+# Smallest scale we emit: a dead channel must not produce scale 0 (division by
+# zero in Q) nor an int32 bias overflow (bias scale = s_x * s_w).
+MIN_SCALE = 1e-8
+
+
+@dataclass(frozen=True)
+class QuantScheme:
+    """How one tensor is quantized: grid, granularity and symmetry."""
+
+    bits: int = 8
+    signed: bool = True
+    symmetric: bool = True
+    axis: int | None = None  # None = per-tensor
+    block_size: int | None = None
+    narrow: bool = True  # symmetric signed grids drop the most negative code
+
+    def __post_init__(self) -> None:
+        if self.bits not in (2, 4, 8, 16, 32):
+            raise ValueError(f"unsupported bit width {self.bits}")
+        if self.block_size is not None and self.axis is None:
+            raise ValueError("block_size needs an axis")
+
+    @property
+    def qmin(self) -> int:
+        if not self.signed:
+            return 0
+        lo = -(1 << (self.bits - 1))
+        return lo + 1 if (self.symmetric and self.narrow) else lo
+
+    @property
+    def qmax(self) -> int:
+        return (1 << (self.bits - 1)) - 1 if self.signed else (1 << self.bits) - 1
+
+    @property
+    def onnx_dtype_name(self) -> str:
+        return f"{'int' if self.signed else 'uint'}{self.bits}"
+
+    @property
+    def numpy_dtype(self) -> type:
+        # int4/int2 are stored widened; the IR packs them at export time.
+        if self.bits <= 8:
+            return np.int8 if self.signed else np.uint8
+        return {16: (np.int16, np.uint16), 32: (np.int32, np.uint32)}[self.bits][0 if self.signed else 1]
+
+    @property
+    def steps_per_side(self) -> int:
+        """q of the OCTAV grid constant 1/(12 q^2): steps between 0 and the clip value."""
+        return self.qmax if self.signed else self.qmax - self.qmin
+
+    def describe(self) -> str:
+        gran = "per-tensor" if self.axis is None else f"per-axis({self.axis})"
+        if self.block_size:
+            gran = f"blocked({self.axis},{self.block_size})"
+        return f"{self.onnx_dtype_name} {'sym' if self.symmetric else 'asym'} {gran}"
+
+
+UINT8_ACT = QuantScheme(bits=8, signed=False, symmetric=False)
+INT8_WEIGHT = QuantScheme(bits=8, signed=True, symmetric=True, axis=0)
+INT32_BIAS = QuantScheme(bits=32, signed=True, symmetric=True, axis=0, narrow=False)
+
+
+def scale_zero_point(
+    rmin: np.ndarray | float, rmax: np.ndarray | float, scheme: QuantScheme
+) -> tuple[np.ndarray, np.ndarray]:
+    """Scale and zero point covering [rmin, rmax] (widened to contain 0) on the scheme's grid."""
+    rmin = np.minimum(np.asarray(rmin, dtype=np.float64), 0.0)
+    rmax = np.maximum(np.asarray(rmax, dtype=np.float64), 0.0)
+    qmin, qmax = scheme.qmin, scheme.qmax
+    if scheme.symmetric:
+        absmax = np.maximum(np.abs(rmin), np.abs(rmax))
+        if scheme.signed:
+            scale = absmax / qmax
+            zero_point = np.zeros_like(scale)
+        else:  # symmetric unsigned: zero in the middle of the grid
+            scale = 2 * absmax / (qmax - qmin)
+            zero_point = np.full_like(scale, np.round((qmin + qmax) / 2))
+    else:
+        scale = (rmax - rmin) / (qmax - qmin)
+        safe = np.where(scale > 0, scale, 1.0)
+        zero_point = np.clip(np.round(qmin - rmin / safe), qmin, qmax)
+    # Dead channels and all-zero tensors get the smallest scale: the grid still
+    # represents 0 exactly and a bias of s_x*s_w stays finite.
+    dead = ~(scale > MIN_SCALE)  # also catches NaN
+    scale = np.where(dead, MIN_SCALE, scale)
+    zero_point = np.where(dead, np.round((qmin + qmax) / 2) if scheme.symmetric and not scheme.signed else (0 if scheme.signed else qmin), zero_point)
+    return scale.astype(np.float32), zero_point.astype(np.int64)
+
+
+def _broadcast(param: np.ndarray, x: np.ndarray, axis: int | None) -> np.ndarray:
+    param = np.asarray(param)
+    if axis is None or param.ndim == 0:
+        return param
+    shape = [1] * x.ndim
+    shape[axis % x.ndim] = -1
+    return param.reshape(shape)
+
+
+def quantize(x: np.ndarray, scale: np.ndarray, zero_point: np.ndarray, scheme: QuantScheme) -> np.ndarray:
+    """ONNX QuantizeLinear: saturate(round_half_even(x / scale) + zp), returned as int64 codes."""
+    s = _broadcast(np.asarray(scale, dtype=np.float32), x, scheme.axis)
+    zp = _broadcast(np.asarray(zero_point, dtype=np.int64), x, scheme.axis)
+    q = np.rint(np.asarray(x, dtype=np.float32) / s).astype(np.int64) + zp
+    return np.clip(q, scheme.qmin, scheme.qmax)
+
+
+def dequantize(q: np.ndarray, scale: np.ndarray, zero_point: np.ndarray, axis: int | None) -> np.ndarray:
+    """ONNX DequantizeLinear: (q - zp) * scale."""
+    q = np.asarray(q)
+    s = _broadcast(np.asarray(scale, dtype=np.float32), q, axis)
+    zp = _broadcast(np.asarray(zero_point, dtype=np.int64), q, axis)
+    return ((q.astype(np.int64) - zp).astype(np.float32) * s).astype(np.float32)
+
+
+def fake_quantize(x: np.ndarray, scale: np.ndarray, zero_point: np.ndarray, scheme: QuantScheme) -> np.ndarray:
+    return dequantize(quantize(x, scale, zero_point, scheme), scale, zero_point, scheme.axis)
+
+
+def reduce_axes(ndim: int, axis: int | None) -> tuple[int, ...]:
+    """Axes to reduce over for statistics kept per `axis` (all axes when per-tensor)."""
+    if axis is None:
+        return tuple(range(ndim))
+    return tuple(i for i in range(ndim) if i != axis % ndim)
+
+
+def sqnr_db(reference: np.ndarray, approx: np.ndarray) -> float:
+    """Signal-to-quantization-noise ratio in dB (inf when identical)."""
+    ref = np.asarray(reference, dtype=np.float64)
+    noise = float(np.sum((ref - np.asarray(approx, dtype=np.float64)) ** 2))
+    signal = float(np.sum(ref**2))
+    if noise == 0.0:
+        return float("inf")
+    if signal == 0.0:
+        return float("-inf")
+    return 10.0 * np.log10(signal / noise)
