@@ -58,7 +58,11 @@ class QuantScheme:
     @property
     def steps_per_side(self) -> int:
         """q of the OCTAV grid constant 1/(12 q^2): steps between 0 and the clip value."""
-        return self.qmax if self.signed else self.qmax - self.qmin
+        # Asymmetric grids put the zero point at qmin for one-sided data: all qmax - qmin steps are used
+        # (uint8 and asymmetric int8 alike); symmetric signed grids have qmax steps per side.
+        if not self.symmetric:
+            return self.qmax - self.qmin
+        return self.qmax if self.signed else (self.qmax - self.qmin) // 2
 
     def describe(self) -> str:
         gran = "per-tensor" if self.axis is None else f"per-axis({self.axis})"
@@ -99,25 +103,50 @@ def scale_zero_point(
     return scale.astype(np.float32), zero_point.astype(np.int64)
 
 
+def expand_blocked(param: np.ndarray, shape: tuple[int, ...], axis: int, block_size: int) -> np.ndarray:
+    """A blocked scale / zero point (ceil(D/block) on `axis`) repeated to the full tensor shape."""
+    axis = axis % len(shape)
+    return np.repeat(np.asarray(param), block_size, axis=axis).take(np.arange(shape[axis]), axis=axis)
+
+
 def _broadcast(param: np.ndarray, x: np.ndarray, axis: int | None) -> np.ndarray:
     param = np.asarray(param)
-    if axis is None or param.ndim == 0:
+    if axis is None or param.ndim == 0 or (param.ndim == x.ndim and param.ndim > 1):
+        # Per-tensor, or already full rank (an expanded blocked parameter): numpy broadcasting does it.
+        if param.ndim == x.ndim and any(p not in (1, d) for p, d in zip(param.shape, x.shape, strict=True)):
+            raise ValueError(
+                f"parameter of shape {param.shape} does not broadcast to {x.shape}; "
+                "expand blocked scales first (quant.expand_blocked)"
+            )
         return param
     shape = [1] * x.ndim
     shape[axis % x.ndim] = -1
     return param.reshape(shape)
 
 
+def _params(param: np.ndarray, x: np.ndarray, scheme: QuantScheme) -> np.ndarray:
+    """Scale / zero point broadcast against x, blocked ones expanded to x's shape first."""
+    param = np.asarray(param)
+    if scheme.block_size and scheme.axis is not None and param.ndim == x.ndim:
+        if param.shape[scheme.axis % x.ndim] != x.shape[scheme.axis % x.ndim]:  # not expanded yet
+            param = expand_blocked(param, x.shape, scheme.axis, scheme.block_size)
+    return _broadcast(param, x, scheme.axis)
+
+
 def quantize(x: np.ndarray, scale: np.ndarray, zero_point: np.ndarray, scheme: QuantScheme) -> np.ndarray:
     """ONNX QuantizeLinear: saturate(round_half_even(x / scale) + zp), returned as int64 codes."""
-    s = _broadcast(np.asarray(scale, dtype=np.float32), x, scheme.axis)
-    zp = _broadcast(np.asarray(zero_point, dtype=np.int64), x, scheme.axis)
-    q = np.rint(np.asarray(x, dtype=np.float32) / s).astype(np.int64) + zp
-    return np.clip(q, scheme.qmin, scheme.qmax)
+    x = np.asarray(x, dtype=np.float32)
+    s = _params(np.asarray(scale, dtype=np.float32), x, scheme)
+    zp = _params(np.asarray(zero_point, dtype=np.int64), x, scheme)
+    # Saturate in float before the integer cast: casting an out-of-range float (|x/s| >= 2^63, inf)
+    # to int64 is undefined in numpy (gives INT64_MIN), which would wrap huge positives to qmin.
+    # ORT saturates; the ONNX reference evaluator has the same wrap-around bug (int32 cast).
+    q = np.clip(np.rint(x / s).astype(np.float64) + zp, scheme.qmin, scheme.qmax)
+    return q.astype(np.int64)
 
 
 def dequantize(q: np.ndarray, scale: np.ndarray, zero_point: np.ndarray, axis: int | None) -> np.ndarray:
-    """ONNX DequantizeLinear: (q - zp) * scale."""
+    """ONNX DequantizeLinear: (q - zp) * scale. Blocked parameters must be expanded (expand_blocked)."""
     q = np.asarray(q)
     s = _broadcast(np.asarray(scale, dtype=np.float32), q, axis)
     zp = _broadcast(np.asarray(zero_point, dtype=np.int64), q, axis)
@@ -125,6 +154,8 @@ def dequantize(q: np.ndarray, scale: np.ndarray, zero_point: np.ndarray, axis: i
 
 
 def fake_quantize(x: np.ndarray, scale: np.ndarray, zero_point: np.ndarray, scheme: QuantScheme) -> np.ndarray:
+    x = np.asarray(x, dtype=np.float32)
+    scale, zero_point = _params(scale, x, scheme), _params(zero_point, x, scheme)
     return dequantize(quantize(x, scale, zero_point, scheme), scale, zero_point, scheme.axis)
 
 
