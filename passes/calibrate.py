@@ -25,6 +25,20 @@ STATS_ANALYSIS = "activation-stats"
 INT32_LIMIT = 2**31 - 1
 
 
+SAMPLES_PER_BATCH = 1 << 17  # histogram samples per tensor per batch: enough for the range methods
+
+
+def _sample_stride(size: int) -> int:
+    """An odd prime stride (no aliasing with power-of-two tensor layouts) giving ~SAMPLES_PER_BATCH samples."""
+    want = -(-size // SAMPLES_PER_BATCH)
+    if want <= 1:
+        return 1
+    candidate = want | 1
+    while any(candidate % p == 0 for p in range(3, int(candidate**0.5) + 1, 2)):
+        candidate += 2
+    return candidate
+
+
 def collect_activation_stats(model: Model, names: list[str], ctx, batch_size: int = 8,
                              samples: int = 0) -> dict[str, TensorHistogram]:
     """Stream the calibration set through ORT and histogram the named tensors."""
@@ -40,11 +54,15 @@ def collect_activation_stats(model: Model, names: list[str], ctx, batch_size: in
     proto = with_outputs(model.to_onnx(), wanted)
     session = make_session(proto.SerializeToString(), threads=ctx.options.get("threads"))
     stats = {n: TensorHistogram() for n in names}
+    strides: dict[str, int] = {}
     with tqdm(total=len(data), desc="calibrating", unit="sample", disable=not ctx.progress, leave=False) as bar:
         for feed in data.batches(batch_size):
             values = dict(zip(wanted, session.run(wanted, feed))) if wanted else {}
             for name in names:
-                stats[name].update(feed[name] if name in graph_inputs else values[name])
+                value = feed[name] if name in graph_inputs else values[name]
+                if name not in strides:  # fixed per tensor, so batches keep their relative weight
+                    strides[name] = _sample_stride(value.size)
+                stats[name].update(value, sample_stride=strides[name])
             bar.update(len(next(iter(feed.values()))))
     ctx.analyses[STATS_ANALYSIS] = (key, stats)
     return stats

@@ -22,9 +22,10 @@ def _fold_pad_into_conv(model: Model) -> int:
         if conv.inputs[0] is not out or conv.attrs.get("auto_pad", "NOTSET") not in ("NOTSET", b"NOTSET"):
             continue
         pads = model.constant_value(pad.inputs[1]) if len(pad.inputs) > 1 else None
-        value = model.constant_value(pad.inputs[2]) if len(pad.inputs) > 2 and pad.inputs[2].name else None
+        has_value = len(pad.inputs) > 2 and pad.inputs[2].name
+        value = model.constant_value(pad.inputs[2]) if has_value else None
         has_axes = len(pad.inputs) > 3 and pad.inputs[3].name
-        if pads is None or has_axes or (value is not None and np.any(value != 0)):
+        if pads is None or has_axes or (has_value and (value is None or np.any(value != 0))):
             continue
         pads = [int(p) for p in pads.reshape(-1)]
         rank = len(pads) // 2
@@ -41,15 +42,44 @@ def _fold_pad_into_conv(model: Model) -> int:
     return folded
 
 
+def _matmul_add_to_gemm(model: Model) -> int:
+    """2-D MatMul(x, W) + Add(b) -> Gemm(x, W, b): ORT then fuses it with an int32 bias (QGemm)."""
+    fused = 0
+    for mm in [n for n in model.nodes if n.op == "MatMul"]:
+        x, w_t = mm.inputs
+        w = model.constant_value(w_t)
+        out = mm.outputs[0]
+        consumers = model.consumers(out)
+        if w is None or w.ndim != 2 or model.rank_of(x) != 2 or len(consumers) != 1:
+            continue
+        add = consumers[0]
+        if add.op != "Add" or model.is_graph_output(out):
+            continue
+        other = add.inputs[1] if add.inputs[0] is out else add.inputs[0]
+        b = model.constant_value(other)
+        if b is None or b.shape not in ((w.shape[1],), (1, w.shape[1])) or b.dtype != w.dtype:
+            continue
+        bias = model.make_constant(mm.name + "_bias", b.reshape(-1))
+        gemm_out = add.outputs[0]
+        add.outputs.clear()
+        add.inputs.clear()
+        mm.outputs.clear()
+        model.graph.nodes.remove(add)
+        model.graph.nodes.remove(mm)
+        model.add_node("Gemm", [x, w_t, bias], [gemm_out], name=mm.name)
+        fused += 1
+    return fused
+
+
 def _drop_identities(model: Model) -> int:
     dropped = 0
     for node in list(model.nodes):
-        if node.op == "Identity" or (node.op == "Dropout" and
-                                     (len(node.outputs) == 1 or not model.consumers(node.outputs[1]))):
+        if node.op == "Identity" or (node.op == "Dropout" and (
+                len(node.outputs) == 1 or not (model.consumers(node.outputs[1]) or model.is_graph_output(node.outputs[1])))):
             if model.used_in_subgraph(node.outputs[0]):
                 continue
-            if len(node.outputs) > 1:
-                del node.outputs[1:]
+            while len(node.outputs) > 1:
+                node.outputs.pop()
             n_before = len(model.nodes)
             model.bypass(node)
             dropped += len(model.nodes) < n_before
@@ -59,7 +89,8 @@ def _drop_identities(model: Model) -> int:
 @register
 class Canonicalize(Pass):
     name = "canonicalize"
-    summary = "fold constant subgraphs (Shape chains too), fold zero Pads into Conv, drop Identity/Dropout"
+    summary = ("fold constant subgraphs (Shape chains too), fold zero Pads into Conv, drop Identity/Dropout, "
+               "2-D MatMul+Add into Gemm")
     provides = frozenset({"canonical"})
     exact = True
 
@@ -67,12 +98,14 @@ class Canonicalize(Pass):
         before = len(model.nodes)
         model.fold_constants()
         folded_constants = before - len(model.nodes)
+        model.infer_shapes()
         pads = _fold_pad_into_conv(model)
         dropped = _drop_identities(model)
+        gemms = _matmul_add_to_gemm(model)
         model.cleanup()
         if pads or dropped:
             model.fold_constants()
         model.infer_shapes()
-        modified = bool(folded_constants or pads or dropped)
+        modified = bool(folded_constants or pads or dropped or gemms)
         return PassResult(model, modified, {"nodes_folded": folded_constants, "pads_into_conv": pads,
-                                            "identities_dropped": dropped, "nodes": len(model.nodes)})
+                                            "identities_dropped": dropped, "matmul_add_to_gemm": gemms, "nodes": len(model.nodes)})

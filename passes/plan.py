@@ -190,6 +190,14 @@ class _Planner:
                 cur = src
 
 
+def _fingerprint(model: Model) -> tuple:
+    """What the plan decides (schemes, ties, layers), to report `modified` honestly."""
+    table = model.quant
+    tensors = tuple(sorted((n, e.role.value, e.scheme, e.tied_to, e.bias_of, e.calibrated)
+                           for n, e in table.tensors.items()))
+    return tensors, tuple(sorted(table.layers))
+
+
 @register
 class Plan(Pass):
     name = "plan"
@@ -200,7 +208,7 @@ class Plan(Pass):
     edits_graph = False
 
     def run(self, model: Model, ctx) -> PassResult:
-        before = (len(model.quant.tensors), len(model.quant.layers))
+        before = _fingerprint(model)
         model.quant.clear()
         _Planner(model, self.options).run()
         stats = {
@@ -209,4 +217,4 @@ class Plan(Pass):
             "weights": len(model.quant.of_role(Role.WEIGHT)),
             "kept_float": len(model.quant.kept_float),
         }
-        return PassResult(model, (len(model.quant.tensors), len(model.quant.layers)) != before, stats)
+        return PassResult(model, _fingerprint(model) != before, stats)

@@ -89,6 +89,7 @@ def optimize(
     calib = heldout = None
     if calibration is not None:
         full = open_calibration(calibration, ir, preprocess)
+        full.first_batch(1)  # fail on wrong names/shapes/dtypes now, not inside a pass
         n_hold = holdout if holdout is not None else min(64, len(full) // 10)
         calib, heldout = full.split(n_hold)
     ctx = PassContext(calibration=calib, seed=seed, progress=progress, options={"threads": threads})
@@ -121,10 +122,16 @@ def quantize_file(input_path: str | os.PathLike[str], output_path: str | os.Path
     src, dst = Path(input_path), Path(output_path)
     if dst.exists() and src.exists() and dst.resolve() == src.resolve():
         raise InputError(f"output '{dst}' is the input model: choose another path (the input is never overwritten)")
-    if not dst.parent.exists() if str(dst.parent) else False:
-        raise InputError(f"output directory '{dst.parent}' does not exist")
-    if dst.parent.exists() and not os.access(dst.parent, os.W_OK):
-        raise InputError(f"output directory '{dst.parent}' is not writable")
+    if calibration is not None and isinstance(calibration, (str, os.PathLike)) and dst.exists() \
+            and Path(calibration).exists() and dst.resolve() == Path(calibration).resolve():
+        raise InputError(f"output '{dst}' is the calibration data: choose another path")
+    parent = dst.parent if str(dst.parent) else Path(".")
+    if parent.exists() and not parent.is_dir():
+        raise InputError(f"output directory '{parent}' is not a directory")
+    if not parent.exists():
+        raise InputError(f"output directory '{parent}' does not exist")
+    if not os.access(parent, os.W_OK):
+        raise InputError(f"output directory '{parent}' is not writable")
     result = optimize(src, calibration, **kwargs)
     result.save(dst)
     return result

@@ -9,7 +9,7 @@ import numpy as np
 
 from qonnx.calibration import open_calibration
 from qonnx.errors import InputError
-from qonnx.ir import load_model
+from qonnx.ir import load_model, read_model_proto
 from qonnx.metrics import Fidelity
 from qonnx.ort import make_session, measure_latency
 from qonnx.verify import sample_feed
@@ -22,6 +22,8 @@ def run_bench(models: list[Path], data: Path | None = None, labels: Path | None 
     if any(t < 1 for t in threads):
         raise InputError("thread counts must be positive")
     reference = load_model(models[0])
+    for other in models[1:]:
+        read_model_proto(other)  # a clear error for a file that is not a model
     rows: list[dict[str, Any]] = [{"model": str(p), "size_bytes": p.stat().st_size} for p in models]
     evaluation = open_calibration(data, reference) if data is not None else None
     truth = np.load(labels, allow_pickle=False) if labels is not None else None

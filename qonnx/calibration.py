@@ -156,9 +156,18 @@ class FolderSource:
 
     def read(self, start: int, stop: int, batch_size: int) -> Iterator[dict[str, np.ndarray]]:
         for i in range(start, stop, batch_size):
-            samples = [self._load(f) for f in self.files[i:min(stop, i + batch_size)]]
-            yield {k: np.stack([s[k] for s in samples]) if all(k in s for s in samples) else samples[0][k]
-                   for k in samples[0]}
+            files = self.files[i:min(stop, i + batch_size)]
+            samples = [self._load(f) for f in files]
+            batch = {}
+            for key in samples[0]:
+                if not all(key in s for s in samples):
+                    raise InputError(f"'{self.path}': not every sample file has the array '{key}'")
+                shapes = {s[key].shape for s in samples}
+                if len(shapes) > 1:
+                    raise InputError(f"'{self.path}': samples of '{key}' have different shapes "
+                                     f"{sorted(shapes)} (files {files[0].name}..{files[-1].name})")
+                batch[key] = np.stack([s[key] for s in samples])
+            yield batch
 
 
 # ---------------------------------------------------------------- iterables
@@ -271,7 +280,7 @@ class CalibrationSet:
                     raise InputError(f"{self.origin}: input '{spec.name}' has shape {list(value.shape)}; "
                                      f"the model expects {list(spec.shape)} (axis {axis} differs)")
             if np.issubdtype(value.dtype, np.floating) and not np.all(np.isfinite(value)):
-                bad = int(np.argwhere(~np.isfinite(value.reshape(len(value), -1)).any(axis=1))[0, 0])
+                bad = int(np.argwhere((~np.isfinite(value.reshape(len(value), -1))).any(axis=1))[0, 0])
                 raise InputError(f"{self.origin}: input '{spec.name}' has NaN or Inf values "
                                  f"(sample {index + bad})")
 

@@ -88,6 +88,11 @@ def _absorb_activation(m: Model, tensor, entry: TensorQuant) -> None:
     if node is None or node.op not in ("Relu", "Clip") or m.is_graph_output(tensor):
         return
     src = node.inputs[0]
+    layer = m.producer(src)
+    # Only the activation of an integer layer is absorbed, and never one whose input
+    # is itself quantized (then ORT handles the DQ -> Relu -> Q on its own).
+    if layer is None or layer.op not in ("Conv", "Gemm", "MatMul") or m.quant.get(src.name) is not None:
+        return
     if len(m.consumers(src)) != 1 or m.is_graph_output(src) or m.used_in_subgraph(tensor):
         return
     from passes.plan import _clip_bounds

@@ -24,6 +24,8 @@ from qonnx.errors import InputError, UnsupportedModelError
 from qonnx.qtable import QuantTable
 
 log = logging.getLogger(__name__)
+# graphsurgeon reports through its own logger on stdout; only errors matter to us.
+gs.logger.G_LOGGER.severity = gs.logger.G_LOGGER.ERROR
 
 Node = gs.Node
 Tensor = gs.Tensor
@@ -171,6 +173,20 @@ class Model:
             return np.asarray(tensor.values)
         return None
 
+    def rank_of(self, tensor: gs.Tensor) -> int | None:
+        """The tensor's rank, also when shape inference left it unknown behind a dynamic Reshape."""
+        if tensor.shape is not None:
+            return len(tensor.shape)
+        producer = self.producer(tensor)
+        if producer is not None and producer.op == "Flatten":
+            return 2
+        if producer is not None and producer.op == "Reshape":
+            shape_input = producer.inputs[1]
+            dims = shape_input.shape if not isinstance(shape_input, gs.Constant) else shape_input.values.shape
+            if dims is not None and len(dims) == 1 and isinstance(dims[0], int):
+                return int(dims[0])
+        return None
+
     def is_graph_output(self, tensor: gs.Tensor) -> bool:
         return any(t.name == tensor.name for t in self.graph.outputs)
 
@@ -212,7 +228,9 @@ class Model:
         return f"{hint}_{i}"
 
     def make_constant(self, hint: str, values: np.ndarray) -> gs.Constant:
-        return gs.Constant(self.unique_name(hint), np.ascontiguousarray(values))
+        values = np.asarray(values)
+        # ascontiguousarray would turn a 0-d array into 1-d: per-tensor Q/DQ parameters must stay scalars.
+        return gs.Constant(self.unique_name(hint), values if values.flags.c_contiguous else values.copy(order="C"))
 
     def make_variable(self, hint: str, dtype: Any = None, shape: Any = None) -> gs.Variable:
         return gs.Variable(self.unique_name(hint), dtype=dtype, shape=shape)
@@ -396,14 +414,15 @@ def _lift_constant_nodes(proto: onnx.ModelProto) -> int:
 
 def _name_nodes(graph: onnx.GraphProto) -> None:
     """Give unnamed nodes stable, unique names: the quant table and reports refer to them."""
-    taken = {n.name for n in graph.node if n.name}
+    all_names = {n.name for n in graph.node if n.name}
+    seen: set[str] = set()
     for index, node in enumerate(graph.node):
-        if not node.name or node.name in taken - {node.name}:
+        if not node.name or node.name in seen:
             name = f"{node.op_type}_{index}"
-            while name in taken:
+            while name in all_names or name in seen:
                 name += "_"
             node.name = name
-            taken.add(name)
+        seen.add(node.name)
 
 
 def import_model(proto: onnx.ModelProto, source_path: Path | None = None) -> Model:

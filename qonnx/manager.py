@@ -15,7 +15,7 @@ from typing import Any, Protocol
 
 import numpy as np
 
-from qonnx.errors import PassError, QonnxError, VerificationError
+from qonnx.errors import InputError, PassError, QonnxError, VerificationError
 from qonnx.ir import Model, save_model, write_bytes_atomic
 from qonnx.pipeline import Pass, Pipeline
 
@@ -152,7 +152,9 @@ class PassManager:
                 for inst in self.instruments:
                     inst.after_pass(p, before, model, record, ctx)
             except BaseException as e:
-                if self.reproducer is not None and before is not None and not isinstance(e, KeyboardInterrupt):
+                # Bad user input is not a pass bug: no reproducer for it.
+                if (self.reproducer is not None and before is not None
+                        and not isinstance(e, (KeyboardInterrupt, InputError))):
                     remaining = ",".join(q.spec(full=True) for q in passes[index:])
                     where = self.reproducer.save(p, before, remaining, e)
                     log.error("saved a reproducer in %s", where)

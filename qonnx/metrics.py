@@ -18,7 +18,7 @@ class Fidelity:
     """Running agreement statistics between reference and candidate outputs (first output)."""
 
     samples: int = 0
-    agree: int = 0
+    agree: float = 0.0
     kl_sum: float = 0.0
     signal: float = 0.0
     noise: float = 0.0
@@ -39,7 +39,8 @@ class Fidelity:
         if ref.ndim < 2 or ref.shape[-1] < 2:
             self.classifier = False
             return
-        self.agree += int(np.sum(np.argmax(ref, -1) == np.argmax(cand, -1)) / max(1, np.prod(ref.shape[1:-1])))
+        # Per-position outputs (sequences): each sample counts the fraction of positions that agree.
+        self.agree += float(np.sum(np.argmax(ref, -1) == np.argmax(cand, -1))) / max(1, int(np.prod(ref.shape[1:-1])))
         lp, lq = _log_softmax(ref), _log_softmax(cand)
         kl = np.sum(np.exp(lp) * (lp - lq), axis=-1)
         self.kl_sum += float(np.mean(kl.reshape(n, -1), axis=1).sum())

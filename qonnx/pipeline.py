@@ -165,6 +165,8 @@ def make_options(pass_cls: type[Pass], raw: dict[str, str]) -> Any:
     values = {}
     for key, text in raw.items():
         name = key.replace("-", "_")
+        if name in values:
+            raise PipelineParseError(f"pass '{pass_cls.name}': option '{name}' given twice")
         if name not in fields:
             valid = ", ".join(fields) or "none"
             raise PipelineParseError(f"pass '{pass_cls.name}' has no option '{key}' (options: {valid})")

@@ -60,18 +60,36 @@ class TensorHistogram:
         self._hist = np.zeros(2 * bins_per_side, dtype=np.int64)  # non-zero values only
 
     # ------------------------------------------------------------------ updates
-    def update(self, x: np.ndarray) -> TensorHistogram:
-        """Add every element of `x` (any shape). Raises ValueError on NaN/Inf, leaving self unchanged."""
+    def update(self, x: np.ndarray, sample_stride: int = 1) -> TensorHistogram:
+        """Add the elements of `x` (any shape). Raises ValueError on NaN/Inf, leaving self unchanged.
+
+        With `sample_stride` > 1 only every stride-th element enters the histogram
+        and the moments (large activations during calibration: the distribution
+        is estimated from millions of samples either way), while min and max stay
+        exact over all elements.
+        """
         flat = np.asarray(x).reshape(-1)
-        n_finite = sum(int(np.count_nonzero(np.isfinite(c))) for c in self._chunks(flat))
-        if n_finite != flat.size:
+        if flat.size == 0:
+            return self
+        lo, hi = flat.min(), flat.max()  # NaN propagates and Inf shows: no full isfinite pass needed
+        if not (np.isfinite(lo) and np.isfinite(hi)):
+            n_bad = sum(int(c.size - np.count_nonzero(np.isfinite(c))) for c in self._chunks(flat))
             raise ValueError(
-                f"non-finite values (NaN/Inf) seen in calibration data: {flat.size - n_finite} of "
+                f"non-finite values (NaN/Inf) seen in calibration data: {n_bad} of "
                 f"{flat.size} elements; calibration data must be finite"
             )
+        if sample_stride > 1:
+            flat = flat[::sample_stride]
         # Chunks bound the float64 temporaries; the result does not depend on the split.
         for chunk in self._chunks(flat):
             self.merge(self._summarise(chunk.astype(np.float64)))
+        if sample_stride > 1:
+            self.min, self.max = min(self.min, float(lo)), max(self.max, float(hi))
+            full_abs = max(abs(float(lo)), abs(float(hi)))
+            if full_abs > 0 and full_abs >= self._half_range:
+                target = _pow2_above(full_abs)
+                self._hist = self._rebinned(target)
+                self._half_range = target
         return self
 
     @staticmethod
