@@ -39,20 +39,30 @@ def _sample_stride(size: int) -> int:
     return candidate
 
 
-def collect_activation_stats(model: Model, names: list[str], ctx, batch_size: int = 8,
-                             samples: int = 0) -> dict[str, TensorHistogram]:
-    """Stream the calibration set through ORT and histogram the named tensors."""
+MEANS_ANALYSIS = "channel-means"
+
+
+def collect_activation_stats(model: Model, names: list[str], ctx, batch_size: int = 8, samples: int = 0,
+                             mean_names: list[str] | None = None) -> dict[str, TensorHistogram]:
+    """Stream the calibration set through ORT and histogram the named tensors.
+
+    Per-channel means (axis 1) of `mean_names` are gathered in the same pass and
+    cached as the channel-means analysis (bias correction needs them).
+    """
     from tqdm import tqdm
 
+    mean_names = sorted(set(mean_names or []))
     key = (STATS_ANALYSIS, tuple(sorted(names)), samples)
     cached = ctx.analyses.get(STATS_ANALYSIS)
     if cached is not None and cached[0] == key:
         return cached[1]
     data = ctx.calibration if not samples else ctx.calibration.head(samples)
     graph_inputs = {t.name for t in model.inputs}
-    wanted = [n for n in names if n not in graph_inputs]
+    wanted = sorted({n for n in [*names, *mean_names] if n not in graph_inputs})
+    sums: dict[str, np.ndarray] = {}
+    counts: dict[str, int] = {}
     proto = with_outputs(model.to_onnx(), wanted)
-    session = make_session(proto.SerializeToString(), threads=ctx.options.get("threads"))
+    session = make_session(proto.SerializeToString(), threads=ctx.options.get("threads"), spinning=False)
     stats = {n: TensorHistogram() for n in names}
     strides: dict[str, int] = {}
     with tqdm(total=len(data), desc="calibrating", unit="sample", disable=not ctx.progress, leave=False) as bar:
@@ -63,8 +73,15 @@ def collect_activation_stats(model: Model, names: list[str], ctx, batch_size: in
                 if name not in strides:  # fixed per tensor, so batches keep their relative weight
                     strides[name] = _sample_stride(value.size)
                 stats[name].update(value, sample_stride=strides[name])
+            for name in mean_names:
+                value = feed[name] if name in graph_inputs else values[name]
+                moved = np.moveaxis(value, 1, -1).reshape(-1, value.shape[1])
+                sums[name] = sums.get(name, 0.0) + moved.sum(axis=0, dtype=np.float64)
+                counts[name] = counts.get(name, 0) + moved.shape[0]
             bar.update(len(next(iter(feed.values()))))
     ctx.analyses[STATS_ANALYSIS] = (key, stats)
+    if mean_names:
+        ctx.analyses[MEANS_ANALYSIS] = ((tuple(mean_names), samples), {n: sums[n] / counts[n] for n in mean_names})
     return stats
 
 
@@ -86,6 +103,25 @@ def _guard_bias(bias: np.ndarray, s_x: float, s_w: np.ndarray) -> tuple[np.ndarr
     return np.where(grow, need, s_w).astype(np.float32), int(np.count_nonzero(grow))
 
 
+def set_bias_params(model: Model) -> int:
+    """int32 bias parameters (scale s_x * s_w, zero point 0); returns how many weight scales grew.
+
+    A weight scale grows only where the int32 bias would overflow (dead channels).
+    """
+    table, tensors, grown = model.quant, model.tensors(), 0
+    for name, entry in table.of_role(Role.BIAS).items():
+        x_name, w_name = entry.bias_of
+        x_entry, w_entry = table.get(x_name), table.get(w_name)
+        bias = model.constant_value(tensors[name])
+        if w_entry.state is not QuantState.ROUNDED:
+            w_entry.scale, n = _guard_bias(bias, float(x_entry.scale), np.asarray(w_entry.scale))
+            grown += n
+        entry.scale = (np.float32(x_entry.scale) * w_entry.scale).astype(np.float32).reshape(-1)
+        entry.zero_point = np.zeros(entry.scale.shape, np.int64)
+        entry.state = QuantState.CALIBRATED
+    return grown
+
+
 @register
 class Calibrate(Pass):
     name = "calibrate"
@@ -94,7 +130,7 @@ class Calibrate(Pass):
     requires = frozenset({"plan", "calibration-data"})
     provides = frozenset({"calibrated"})
     forbidden_after = {"rounded": "weights are already rounded (AdaRound): calibrate before rounding"}
-    preserves = frozenset({STATS_ANALYSIS})  # the float graph is not touched
+    preserves = frozenset({STATS_ANALYSIS, MEANS_ANALYSIS})  # the float graph is not touched
     exact = True
     edits_graph = False
 
@@ -104,7 +140,8 @@ class Calibrate(Pass):
         range_opts = RangeOptions(percentile=opts.percentile)
         acts = table.of_role(Role.ACTIVATION)
         roots = sorted({table.root(n) for n in acts})
-        stats = collect_activation_stats(model, roots, ctx, opts.batch_size, opts.samples)
+        layer_inputs = [layer.input for layer in table.layers.values() if layer.bias]
+        stats = collect_activation_stats(model, roots, ctx, opts.batch_size, opts.samples, layer_inputs)
         for name in roots:
             entry = table.get(name)
             scheme = entry.scheme if entry is not None else next(iter(acts.values())).scheme
@@ -130,16 +167,7 @@ class Calibrate(Pass):
             rmin, rmax = weight_range(model.constant_value(tensors[name]), entry.scheme, opts.weights, range_opts)
             entry.scale, entry.zero_point = scale_zero_point(rmin, rmax, entry.scheme)
             entry.method, entry.state = opts.weights, QuantState.CALIBRATED
-        grown = 0
-        for name, entry in table.of_role(Role.BIAS).items():
-            x_name, w_name = entry.bias_of
-            x_entry, w_entry = table.get(x_name), table.get(w_name)
-            bias = model.constant_value(tensors[name])
-            w_entry.scale, n = _guard_bias(bias, float(x_entry.scale), np.asarray(w_entry.scale))
-            grown += n
-            entry.scale = (np.float32(x_entry.scale) * w_entry.scale).astype(np.float32).reshape(-1)
-            entry.zero_point = np.zeros(entry.scale.shape, np.int64)
-            entry.state = QuantState.CALIBRATED
+        grown = set_bias_params(model)
         return PassResult(model, True, {"activations": len(acts), "tensors_observed": len(roots),
                                         "samples": len(ctx.calibration) if not opts.samples else opts.samples,
                                         "bias_scale_guards": grown, "method": opts.method})

@@ -132,5 +132,43 @@ def bench(models: tuple[Path, ...], data: Path | None, labels: Path | None, thre
         write_bytes_atomic(json.dumps(rows, indent=2).encode(), json_out)
 
 
+@main.command()
+@click.argument("model", type=click.Path(dir_okay=False, path_type=Path))
+@click.option("--calib-data", required=True, type=click.Path(path_type=Path),
+              help="Calibration data; its held-out tail measures the errors.")
+@click.option("--preprocess", help="Image folder preprocessing spec.")
+@click.option("--preset", help="A named pipeline; default w8a8.")
+@click.option("--passes", "passes_text", help="A pipeline text.")
+@click.option("--holdout", type=int, default=32, show_default=True, help="Samples used to measure errors.")
+@click.option("--top", type=int, default=20, show_default=True, help="Rows to print.")
+@click.option("--json", "json_out", type=click.Path(dir_okay=False, path_type=Path))
+@click.option("-v", "--verbose", count=True)
+def attribute(model: Path, calib_data: Path, preprocess: str | None, preset: str | None, passes_text: str | None,
+              holdout: int, top: int, json_out: Path | None, verbose: int) -> None:
+    """Per-tensor error attribution: each quantized tensor's own SQNR and the output error it causes alone."""
+    _setup_logging(verbose)
+    from qonnx.api import optimize
+    from qonnx.attribution import attribute_errors, format_attribution
+    from qonnx.calibration import open_calibration
+    from qonnx.pipeline import resolve
+
+    try:
+        result = optimize(model, calib_data, pipeline=resolve(preset, passes_text), holdout=holdout,
+                          preprocess=preprocess, check_fusion=False, progress=sys.stderr.isatty())
+        _, heldout = open_calibration(calib_data, result.ir, preprocess).split(holdout)
+        if heldout is None:
+            raise QonnxError("not enough calibration samples to hold some out")
+        rows = attribute_errors(result.ir, heldout, progress=sys.stderr.isatty())
+    except QonnxError as e:
+        _fail(e)
+        return
+    click.echo(f"whole model: {result.fidelity}")
+    click.echo(format_attribution(rows, top))
+    if json_out:
+        from qonnx.ir import write_bytes_atomic
+
+        write_bytes_atomic(json.dumps([r.as_dict() for r in rows], indent=2).encode(), json_out)
+
+
 if __name__ == "__main__":
     main()

@@ -23,8 +23,8 @@ log = logging.getLogger(__name__)
 ort.set_default_logger_severity(3)
 
 
-def session_options(threads: int | None = None, level: str = "all", optimized_path: str | None = None
-                    ) -> ort.SessionOptions:
+def session_options(threads: int | None = None, level: str = "all", optimized_path: str | None = None,
+                    spinning: bool = True) -> ort.SessionOptions:
     opts = ort.SessionOptions()
     opts.graph_optimization_level = {
         "none": ort.GraphOptimizationLevel.ORT_DISABLE_ALL,
@@ -37,18 +37,21 @@ def session_options(threads: int | None = None, level: str = "all", optimized_pa
         opts.inter_op_num_threads = 1
     opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
     opts.log_severity_level = 3
+    if not spinning:  # idle ORT threads must not spin while numpy works between runs
+        opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
     if optimized_path:
         opts.optimized_model_filepath = optimized_path
     return opts
 
 
 def make_session(model: bytes | str | os.PathLike[str] | onnx.ModelProto, threads: int | None = None,
-                 level: str = "all") -> ort.InferenceSession:
+                 level: str = "all", spinning: bool = True) -> ort.InferenceSession:
     if isinstance(model, onnx.ModelProto):
         model = model.SerializeToString()
     if isinstance(model, os.PathLike):
         model = str(model)
-    return ort.InferenceSession(model, session_options(threads, level), providers=["CPUExecutionProvider"])
+    return ort.InferenceSession(model, session_options(threads, level, spinning=spinning),
+                                providers=["CPUExecutionProvider"])
 
 
 def optimized_graph(model: bytes | onnx.ModelProto, threads: int = 1) -> onnx.ModelProto:
