@@ -80,7 +80,7 @@ def collect_activation_stats(model: Model, names: list[str], ctx, batch_size: in
                 counts[name] = counts.get(name, 0) + moved.shape[0]
             bar.update(len(next(iter(feed.values()))))
     ctx.analyses[STATS_ANALYSIS] = (key, stats)
-    if mean_names:
+    if mean_names or not names:
         ctx.analyses[MEANS_ANALYSIS] = ((tuple(mean_names), samples), {n: sums[n] / counts[n] for n in mean_names})
     return stats
 

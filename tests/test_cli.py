@@ -12,6 +12,8 @@ from pathlib import Path
 import numpy as np
 import onnx
 import pytest
+
+from qonnx.pipeline import PRESETS
 from click.testing import CliRunner
 from conftest import (
     conv_bn_relu_conv,
@@ -110,7 +112,7 @@ def test_optimize_json_report_and_seed(work):
                      "--json", "report.json"], work)
     assert result.exit_code == 0, result.output
     report = json.loads((work / "report.json").read_text())
-    assert report["pipeline"] == "canonicalize,fold-bn,plan,calibrate"
+    assert report["pipeline"] == PRESETS["w8a8"][0]
     assert report["layers"] == 2 and report["integer_kernels"] == 2
     assert [p["name"] for p in report["passes"]] == ["canonicalize", "fold-bn", "plan", "calibrate"]
     assert report["size_before"] > 0 and report["size_after"] > 0
