@@ -106,6 +106,12 @@ def optimize(
     onnx.checker.check_model(proto)
     result = OptimizeResult(model=proto, ir=ir, pipeline=pipe, records=records, size_before=len(source_bytes))
     result.size_after = len(result.to_bytes())
+    inner = ir.subgraph_ops()
+    inner_layers = sum(inner.get(op, 0) for op in ("Conv", "Gemm", "MatMul", "LSTM", "GRU"))
+    if inner_layers:
+        result.notes.append(f"{inner_layers} compute layers inside If/Loop subgraphs stay float (passed through)")
+    if not ir.quant.layers:
+        result.notes.append("no layer of the main graph could be quantized: the output equals the float model")
     if check_fusion and ir.quant.tensors:
         result.fusion = fusion_report(proto)
         for op, name in result.fusion.float_layers:

@@ -191,10 +191,16 @@ class IterableSource:
 
     @staticmethod
     def _batch_len(feed: Any) -> int:
+        """Samples in a feed: its common leading size, or 1 for a feed that cannot be sliced
+        (scalars, or inputs whose batch is not on axis 0, like an RNN state)."""
         if not isinstance(feed, dict) or not feed:
             raise InputError("calibration iterable must yield non-empty dicts of input name -> array")
-        first = np.asarray(next(iter(feed.values())))
-        return int(first.shape[0]) if first.ndim else 1
+        sizes = {np.asarray(v).shape[0] if np.ndim(v) else None for v in feed.values()}
+        return sizes.pop() if len(sizes) == 1 and None not in sizes else 1
+
+    @staticmethod
+    def _sliceable(feed: dict, n: int) -> bool:
+        return all(np.ndim(v) and np.asarray(v).shape[0] == n for v in feed.values())
 
     def __len__(self) -> int:
         return sum(self.sizes)
@@ -203,8 +209,11 @@ class IterableSource:
         pos = 0
         for feed, n in zip(self.data, self.sizes):
             lo, hi = max(start - pos, 0), min(stop - pos, n)
-            for i in range(lo, hi, batch_size):
-                yield {k: np.asarray(v)[i:min(hi, i + batch_size)] for k, v in feed.items()}
+            if lo < hi and not self._sliceable(feed, n):
+                yield {k: np.asarray(v) for k, v in feed.items()}  # one opaque feed
+            elif lo < hi:
+                for i in range(lo, hi, batch_size):
+                    yield {k: np.asarray(v)[i:min(hi, i + batch_size)] for k, v in feed.items()}
             pos += n
             if pos >= stop:
                 return
@@ -248,8 +257,7 @@ class CalibrationSet:
         index = self.start
         for feed in self.source.read(self.start, self.stop, batch_size):
             self._validate(feed, index)
-            n = len(next(iter(feed.values())))
-            index += n
+            index += IterableSource._batch_len(feed)
             yield feed
 
     def first_batch(self, n: int = 2) -> dict[str, np.ndarray]:

@@ -201,6 +201,17 @@ class Model:
     def has_subgraphs(self) -> bool:
         return any(_subgraphs(n) for n in self.graph.nodes)
 
+    def subgraph_ops(self) -> dict[str, int]:
+        """Op counts inside If/Loop/Scan bodies (left in float: they are passed through)."""
+        counts: dict[str, int] = {}
+        stack = [g for n in self.graph.nodes for g in _subgraphs(n)]
+        while stack:
+            graph = stack.pop()
+            for node in graph.nodes:
+                counts[node.op] = counts.get(node.op, 0) + 1
+                stack.extend(_subgraphs(node))
+        return counts
+
     @staticmethod
     def dtype_of(tensor: gs.Tensor) -> np.dtype | None:
         if isinstance(tensor, gs.Constant):

@@ -1,11 +1,10 @@
 #!/usr/bin/env bash
-# Installs qonnx with its test dependencies and the real-model recipes, prepares the
-# real models (cached in models/.cache), and runs the whole test suite.
+# The test command: installs qonnx with its test dependencies and the real-model
+# recipes, prepares the real models (cached in models/.cache), runs the suite.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+. scripts/_venv.sh
 python -m pip install -q -e ".[test]"
-if [ -f models/setup.sh ]; then
-  bash models/setup.sh
-  python -m models.prepare --all
-fi
+bash models/setup.sh -q
+python -m models.prepare --all
 python -m pytest -q

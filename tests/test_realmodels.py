@@ -1,0 +1,123 @@
+"""The real-model slice: models obtained by models/ recipes (prepared by scripts/test.sh).
+
+Marked `realmodel`: slower than the unit tests but still run in CI. Calibration uses a
+subset of the prepared samples to keep the slice within a few minutes on 2 cores.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import sys
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import qonnx
+from qonnx.errors import UnsupportedModelError
+from qonnx.ir import load_model
+from qonnx.manager import PassContext
+from qonnx.ort import optimized_graph
+from qonnx.pipeline import Pipeline
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from models.data import iter_feeds  # noqa: E402
+from models.prepare import prepare_task  # noqa: E402
+from models.tasks import TASKS, task_dir  # noqa: E402
+
+pytestmark = pytest.mark.realmodel
+FAST_W8A8 = "canonicalize,fold-bn,plan,calibrate{samples=48},bias-correction{samples=48}"
+
+
+def prepared(name: str) -> Path:
+    folder = task_dir(name)
+    if not (folder / "model.onnx").exists():
+        prepare_task(name, folder.parent)
+    return folder
+
+
+def ops(model) -> Counter:
+    return Counter(n.op for n in model.nodes)
+
+
+def test_lite0_canonicalization_folds_same_padding_chains_into_conv():
+    model = load_model(prepared("efficientnet_lite0") / "model.onnx")
+    assert ops(model)["Pad"] > 0  # the raw torch export has TF-SAME Shape->Pad chains
+    ctx = PassContext()
+    for p in Pipeline.parse("canonicalize,fold-bn"):
+        model = p.run(model, ctx).model
+    counts = ops(model)
+    assert counts["Pad"] == 0 and counts["Shape"] <= 1
+    assert counts["Conv"] == 49 and counts["Clip"] == 33 and counts["Add"] == 9
+
+
+def test_ppocr_constant_node_weights_are_lifted():
+    model = load_model(prepared("ppocr_rec") / "model.onnx")
+    assert ops(model)["Constant"] == 0
+    convs = [n for n in model.nodes if n.op == "Conv"]
+    assert len(convs) == 38 and all(model.is_constant(n.inputs[1]) for n in convs)
+
+
+def test_lite0_w8a8_fuses_every_layer_and_keeps_agreement():
+    folder = prepared("efficientnet_lite0")
+    result = qonnx.optimize(folder / "model.onnx", folder / "calib.npz", pipeline=FAST_W8A8, holdout=0)
+    assert result.fusion.integer_ops["QLinearConv"] == 49 and result.fusion.integer_ops["QGemm"] == 1
+    assert not result.fusion.float_layers
+    out = folder.parent / "_test_lite0.onnx"
+    result.save(out)
+    try:
+        metrics = TASKS["efficientnet_lite0"].evaluate(out, folder, max_samples=200)
+    finally:
+        out.unlink()
+    assert metrics["top1_agreement"] >= 0.85, metrics
+    assert result.size_after < 0.3 * result.size_before
+
+
+def test_ppocr_rec_w8a8_reads_almost_as_well_as_fp32():
+    folder = prepared("ppocr_rec")
+    result = qonnx.optimize(folder / "model.onnx", folder / "calib.npz", pipeline=FAST_W8A8, holdout=0)
+    optimized = Counter(n.op_type for n in optimized_graph(result.model).graph.node)
+    assert optimized["QLinearConv"] == 38
+    out = folder.parent / "_test_ppocr_rec.onnx"
+    result.save(out)
+    try:
+        fp32 = TASKS["ppocr_rec"].evaluate(folder / "model.onnx", folder, max_samples=100)
+        quant = TASKS["ppocr_rec"].evaluate(out, folder, max_samples=100)
+    finally:
+        out.unlink()
+    assert quant["exact_match"] >= fp32["exact_match"] - 0.05, (fp32, quant)
+
+
+def test_same_inputs_and_seed_give_identical_bytes():
+    folder = prepared("ppocr_cls")
+    digests = set()
+    for _ in range(2):
+        result = qonnx.optimize(folder / "model.onnx", folder / "calib.npz", pipeline=FAST_W8A8,
+                                check_fusion=False, verify=False)
+        digests.add(hashlib.sha256(result.to_bytes()).hexdigest())
+    assert len(digests) == 1
+
+
+def test_already_quantized_ddddocr_is_refused_with_a_clear_message():
+    folder = prepared("ddddocr_old")
+    with pytest.raises(UnsupportedModelError, match="already quantized"):
+        qonnx.optimize(folder / "model.onnx", list(iter_feeds(folder, max_samples=4)))
+
+
+def test_silero_vad_with_if_subgraphs_is_processed():
+    folder = prepared("silero_vad")
+    feeds = list(iter_feeds(folder, max_samples=16))
+    result = qonnx.optimize(folder / "model.onnx", feeds, holdout=4)
+    # Its LSTM and convolutions live inside If branches: passed through in float, and said so.
+    assert any("inside If/Loop subgraphs stay float" in note for note in result.notes), result.notes
+    assert result.fidelity is not None and result.fidelity["cosine"] > 0.999
+
+
+def test_magika_with_int32_input_is_processed():
+    folder = prepared("magika")
+    feeds = list(iter_feeds(folder, max_samples=32))
+    result = qonnx.optimize(folder / "model.onnx", feeds, holdout=8)
+    assert result.fidelity["sqnr_db"] > 15, result.fidelity
