@@ -22,6 +22,8 @@ from qonnx.quant import fake_quantize
 def channel_means(model: Model, names: list[str], ctx, batch_size: int = 8, samples: int = 0
                   ) -> dict[str, np.ndarray]:
     """Per-channel (axis 1) means of layer inputs; reuses calibration's pass over the data when cached."""
+    if not names:
+        return {}
     cached = ctx.analyses.get(MEANS_ANALYSIS)
     if cached is not None and cached[0] == (tuple(sorted(set(names))), samples):
         return cached[1]
@@ -78,9 +80,13 @@ class BiasCorrection(Pass):
             shift = output_shift(nodes[layer.node], (approx.astype(np.float64) - w), means[layer.input])
             if shift is None:
                 continue
-            bias_t = tensors[layer.bias]
-            bias = model.constant_value(bias_t)
-            bias_t.values = (bias.astype(np.float64) - shift).astype(bias.dtype)
+            bias_t, b_entry = tensors[layer.bias], table.get(layer.bias)
+            bias = model.constant_value(bias_t).astype(np.float64)
+            previous = b_entry.correction if b_entry.correction is not None else np.zeros_like(bias)
+            if np.allclose(shift, previous, rtol=1e-5, atol=1e-7 * (1 + float(np.max(np.abs(bias))))):
+                continue  # already corrected for these weights and scales
+            bias_t.values = (bias + previous - shift).astype(model.constant_value(bias_t).dtype)
+            b_entry.correction = shift
             corrected += 1
             largest = max(largest, float(np.max(np.abs(shift))))
         set_bias_params(model)

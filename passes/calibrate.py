@@ -54,8 +54,8 @@ def collect_activation_stats(model: Model, names: list[str], ctx, batch_size: in
     mean_names = sorted(set(mean_names or []))
     key = (STATS_ANALYSIS, tuple(sorted(names)), samples)
     cached = ctx.analyses.get(STATS_ANALYSIS)
-    if cached is not None and cached[0] == key:
-        return cached[1]
+    if cached is not None and cached[0][2] == samples and set(names) <= set(cached[1]) and not mean_names:
+        return {n: cached[1][n] for n in names}
     data = ctx.calibration if not samples else ctx.calibration.head(samples)
     graph_inputs = {t.name for t in model.inputs}
     wanted = sorted({n for n in [*names, *mean_names] if n not in graph_inputs})
@@ -85,9 +85,21 @@ def collect_activation_stats(model: Model, names: list[str], ctx, batch_size: in
     return stats
 
 
+def auto_method(model: Model, tensor) -> str:
+    """The range method for one activation when method=auto (measured, see BENCHMARKS.md).
+
+    Feature maps of convolutional nets (rank 4) have noise-like tails, where
+    OCTAV's MSE-optimal clipping wins; token x channel activations of
+    transformers carry a few outlier channels that matter, which clipping
+    destroys, so they keep their full min/max range.
+    """
+    return "octav" if model.rank_of(tensor) == 4 else "minmax"
+
+
 @dataclass(frozen=True)
 class CalibrateOptions:
-    method: str = option("octav", "activation range method", choices=ACTIVATION_METHODS)
+    method: str = option("auto", "activation range method; auto = octav for image-like (rank-4) tensors, "
+                                 "minmax for the rest", choices=("auto", *ACTIVATION_METHODS))
     weights: str = option("minmax", "weight range method (per channel)", choices=WEIGHT_METHODS)
     percentile: float = option(99.999, "percentile for method=percentile")
     samples: int = option(0, "calibration samples to use (0 = all)")
@@ -142,25 +154,27 @@ class Calibrate(Pass):
         roots = sorted({table.root(n) for n in acts})
         layer_inputs = [layer.input for layer in table.layers.values() if layer.bias]
         stats = collect_activation_stats(model, roots, ctx, opts.batch_size, opts.samples, layer_inputs)
+        tensors = model.tensors()
+        methods = {name: auto_method(model, tensors[name]) if opts.method == "auto" else opts.method
+                   for name in roots}
         for name in roots:
             entry = table.get(name)
             scheme = entry.scheme if entry is not None else next(iter(acts.values())).scheme
-            rmin, rmax = activation_range(stats[name], scheme, opts.method, range_opts)
+            rmin, rmax = activation_range(stats[name], scheme, methods[name], range_opts)
             scale, zp = scale_zero_point(rmin, rmax, scheme)
             if entry is not None:
-                entry.scale, entry.zero_point, entry.method = scale, zp, opts.method
+                entry.scale, entry.zero_point, entry.method = scale, zp, methods[name]
                 entry.state = QuantState.CALIBRATED
         for name, entry in acts.items():
             root = table.root(name)
             if root != name:
                 src = table.get(root)
                 if src is None or src.scale is None:  # a root quantized only through its tie
-                    rmin, rmax = activation_range(stats[root], entry.scheme, opts.method, range_opts)
+                    rmin, rmax = activation_range(stats[root], entry.scheme, methods[root], range_opts)
                     entry.scale, entry.zero_point = scale_zero_point(rmin, rmax, entry.scheme)
                 else:
                     entry.scale, entry.zero_point = src.scale, src.zero_point
-                entry.method, entry.state = opts.method, QuantState.CALIBRATED
-        tensors = model.tensors()
+                entry.method, entry.state = methods[root], QuantState.CALIBRATED
         for name, entry in table.of_role(Role.WEIGHT).items():
             if entry.state is QuantState.ROUNDED:
                 continue

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from qonnx.errors import PreconditionError
 from qonnx.ir import Model
 from qonnx.pipeline import Pass, PassResult, option, register
 from qonnx.qtable import LayerQuant, Role, TensorQuant
@@ -37,6 +38,9 @@ class PlanOptions:
     per_channel: bool = option(True, "one weight scale per output channel (else one per tensor)")
     activations: str = option("uint8", "activation integer type (uint8 is the fast one on x86)", choices=("uint8",))
     exclude: tuple[str, ...] = option((), "node names to keep in float, separated by ';'")
+    activation_matmul: bool = option(
+        False, "also quantize MatMuls of two activations (attention scores and context); "
+               "off by default: softmax probabilities lose most of their precision on a uint8 grid")
 
 
 def weight_axis(model: Model, node) -> int | None:
@@ -120,6 +124,8 @@ class _Planner:
                     return self.keep_float(node, "bias is not a 1-D constant of the layer alone")
                 bias_name = node.inputs[2].name
         elif node.op == "MatMul" and m.is_float(w_t):
+            if not self.opts.activation_matmul:
+                return self.keep_float(node, "MatMul of two activations (enable plan{activation_matmul=true})")
             self.activation(w_t)  # activation x activation MatMul (attention)
         else:
             return self.keep_float(node, "weight is not a constant")
@@ -161,6 +167,9 @@ class _Planner:
     def run(self) -> None:
         self.parent: dict[str, str] = {}
         excluded = set(self.opts.exclude)
+        unknown = sorted(excluded - {n.name for n in self.model.nodes})
+        if unknown:
+            raise PreconditionError(f"pass 'plan': exclude names unknown node(s) {', '.join(map(repr, unknown))}")
         for node in self.model.toposort():
             if node.name in excluded:
                 self.keep_float(node, "excluded by the user")
@@ -210,6 +219,7 @@ class Plan(Pass):
     def run(self, model: Model, ctx) -> PassResult:
         before = _fingerprint(model)
         model.quant.clear()
+        model.quant.plan_options = self.options
         _Planner(model, self.options).run()
         stats = {
             "layers": len(model.quant.layers),

@@ -93,8 +93,8 @@ def registry() -> dict[str, type[Pass]]:
 # ------------------------------------------------------------------ presets
 PRESETS: dict[str, tuple[str, str]] = {
     "w8a8": (
-        "canonicalize,fold-bn,plan,calibrate,bias-correction",
-        "INT8: per-channel int8 weights, uint8 activations, bias correction (the default)",
+        "canonicalize,fold-bn,plan,calibrate,protect,bias-correction",
+        "INT8: per-channel int8 weights, uint8 activations, hard-to-quantize layers kept float, bias correction",
     ),
     "w8a8-minmax": (
         "canonicalize,fold-bn,plan,calibrate{method=minmax}",

@@ -7,6 +7,7 @@ keyed by the exact tensor name (unique in a graph), never by derived names.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 from enum import Enum
 
 import numpy as np
@@ -44,6 +45,8 @@ class TensorQuant:
     codes: np.ndarray | None = None
     # For a bias: the activation and weight whose scales multiply into its scale.
     bias_of: tuple[str, str] | None = None
+    # For a bias: the shift bias correction subtracted (kept so a re-run replaces it, never stacks).
+    correction: np.ndarray | None = None
 
     @property
     def calibrated(self) -> bool:
@@ -68,6 +71,7 @@ class QuantTable:
     layers: dict[str, LayerQuant] = field(default_factory=dict)
     # Nodes deliberately left in float, with the reason (reported to the user).
     kept_float: dict[str, str] = field(default_factory=dict)
+    plan_options: Any = None  # the options the current plan was made with (re-planning keeps them)
 
     def __len__(self) -> int:
         return len(self.tensors)

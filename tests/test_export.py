@@ -61,7 +61,10 @@ def optimized(name: str):
     """(float model, optimize result) for a named tiny model, computed once per session."""
     if name not in _CACHE:
         model = ALL_BUILDERS[name]()
-        _CACHE[name] = (model, qonnx.optimize(model, make_samples(model, 24, seed=1), seed=0))
+        # The attention model exercises activation x activation MatMuls, which the default plan keeps float.
+        pipeline = ("canonicalize,fold-bn,plan{activation_matmul=true},calibrate,bias-correction"
+                    if name == "attention_like" else "w8a8")
+        _CACHE[name] = (model, qonnx.optimize(model, make_samples(model, 24, seed=1), pipeline=pipeline, seed=0))
     return _CACHE[name]
 
 
@@ -140,6 +143,15 @@ def test_matmuls_run_as_integer_kernels(name):
     if name == "attention_like":
         assert ops.get("QLinearMatMul", 0) >= 2  # the activation x activation MatMuls
     assert float_layers_with_constant_weights(opt) == []
+
+
+def test_default_plan_keeps_activation_matmuls_float_and_says_why():
+    model = ALL_BUILDERS["attention_like"]()
+    result = qonnx.optimize(model, make_samples(model, 24, seed=1), seed=0)
+    ops = op_counts(optimized_graph(result.model))
+    assert ops.get("MatMul", 0) + ops.get("FusedMatMul", 0) == 2, ops
+    reasons = [r for r in result.ir.quant.kept_float.values() if "two activations" in r]
+    assert len(reasons) == 2
 
 
 def test_maxpool_and_reshape_run_on_integers():

@@ -179,7 +179,7 @@ def test_add_with_a_constant_or_float_input_is_not_quantized():
 
 def test_attention_matmul_quantizes_both_activations():
     model = prepared(attention_like)
-    plan(model)
+    plan(model, "plan{activation_matmul=true}")
     q = model.quant
     scores = next(n for n in model.nodes if n.op == "MatMul" and n.inputs[0].name == "q")
     layer = q.layers[scores.name]

@@ -1,0 +1,77 @@
+"""protect: keep in float the layers whose input cannot be quantized well.
+
+Per-tensor uint8 activations lose most where a tensor has a few large values
+and a mass of small ones (GELU outputs and LayerNorm outliers in transformers).
+The expected SQNR of each layer input's quantization follows from the
+calibration histogram at no extra cost; layers below the threshold are taken
+out of the plan, with the reason recorded, and the rest is re-calibrated from
+the same statistics.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+
+import numpy as np
+
+from passes.calibrate import STATS_ANALYSIS, Calibrate, CalibrateOptions, collect_activation_stats
+from passes.plan import Plan
+from qonnx.ir import Model
+from qonnx.pipeline import Pass, PassResult, option, register
+from qonnx.qtable import Role
+from qonnx.ranges import histogram_mse
+
+
+def expected_sqnr_db(stats, entry) -> float:
+    power = stats.sumsq / max(stats.count, 1)
+    rmin = np.array([float(entry.scale) * (entry.scheme.qmin - int(entry.zero_point))])
+    rmax = np.array([float(entry.scale) * (entry.scheme.qmax - int(entry.zero_point))])
+    mse = float(histogram_mse(stats, rmin, rmax, entry.scheme)[0])
+    return float("inf") if mse <= 0 else 10.0 * np.log10(max(power, 1e-300) / mse)
+
+
+@dataclass(frozen=True)
+class ProtectOptions:
+    min_sqnr: float = option(22.0, "keep a layer float when its input's expected quantization SQNR is below this (dB)")
+
+
+@register
+class Protect(Pass):
+    name = "protect"
+    summary = "keep in float the layers whose input's expected quantization SQNR is below a threshold"
+    Options = ProtectOptions
+    requires = frozenset({"calibrated", "calibration-data"})
+    exact = True
+    edits_graph = False
+    preserves = frozenset({STATS_ANALYSIS})
+
+    def run(self, model: Model, ctx) -> PassResult:
+        table = model.quant
+        layer_inputs = sorted({table.root(layer.input) for layer in table.layers.values()})
+        stats = collect_activation_stats(model, layer_inputs, ctx)
+        protected: dict[str, float] = {}
+        for layer in table.layers.values():
+            root = table.root(layer.input)
+            sqnr = expected_sqnr_db(stats[root], table.get(root))
+            if sqnr < self.options.min_sqnr:
+                protected[layer.node] = sqnr
+        if not protected:
+            return PassResult(model, False, {"protected": 0})
+        plan_opts = self._plan_options(model, set(protected))
+        methods = {e.method for e in table.tensors.values() if e.role is Role.ACTIVATION and e.method}
+        weight_methods = {e.method for e in table.tensors.values() if e.role is Role.WEIGHT and e.method}
+        Plan(plan_opts).run(model, ctx)
+        calib = CalibrateOptions(method=methods.pop() if len(methods) == 1 else "auto",
+                                 weights=weight_methods.pop() if len(weight_methods) == 1 else "minmax")
+        Calibrate(calib).run(model, ctx)
+        for node, sqnr in protected.items():
+            table.kept_float[node] = f"input quantization SQNR {sqnr:.1f} dB < {self.options.min_sqnr:g} dB (protect)"
+        return PassResult(model, True, {"protected": len(protected),
+                                        "lowest_sqnr_db": round(min(protected.values()), 2)})
+
+    @staticmethod
+    def _plan_options(model: Model, extra: set[str]):
+        previous = model.quant.plan_options
+        base = previous if previous is not None else Plan.Options()
+        return dataclasses.replace(base, exclude=tuple(sorted(set(base.exclude) | extra)))
