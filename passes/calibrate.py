@@ -75,9 +75,10 @@ def collect_activation_stats(model: Model, names: list[str], ctx, batch_size: in
                 stats[name].update(value, sample_stride=strides[name])
             for name in mean_names:
                 value = feed[name] if name in graph_inputs else values[name]
-                moved = np.moveaxis(value, 1, -1).reshape(-1, value.shape[1])
-                sums[name] = sums.get(name, 0.0) + moved.sum(axis=0, dtype=np.float64)
-                counts[name] = counts.get(name, 0) + moved.shape[0]
+                # Sum over every axis but 1 without materialising a transposed copy.
+                axes = tuple(i for i in range(value.ndim) if i != 1)
+                sums[name] = sums.get(name, 0.0) + value.sum(axis=axes, dtype=np.float64)
+                counts[name] = counts.get(name, 0) + value.size // value.shape[1]
             bar.update(len(next(iter(feed.values()))))
     ctx.analyses[STATS_ANALYSIS] = (key, stats)
     if mean_names or not names:

@@ -105,13 +105,14 @@ class TensorHistogram:
         batch.min = float(v.min())
         batch.max = float(v.max())
         batch.sum = float(v.sum())
-        batch.sumsq = float(np.dot(v, v))
+        # Plain reductions, not BLAS dot: OpenBLAS threads stall on a busy 2-core machine.
+        batch.sumsq = float(np.sum(np.square(v)))
         batch.abs_sum = float(np.abs(v).sum())
         batch._mean = batch.sum / batch.count
         d = v - batch._mean
-        batch._m2 = float(np.dot(d, d))
+        batch._m2 = float(np.sum(np.square(d)))
         if nonzero.size:
-            batch._half_range = _pow2_above(float(np.abs(nonzero).max()))
+            batch._half_range = _pow2_above(max(-float(nonzero.min()), float(nonzero.max())))
             width = batch._half_range / self.bins_per_side  # a power of two: nonzero / width is exact
             idx = np.floor(nonzero / width).astype(np.int64) + self.bins_per_side
             batch._hist = np.bincount(idx, minlength=2 * self.bins_per_side).astype(np.int64)
