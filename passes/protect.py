@@ -58,20 +58,24 @@ class Protect(Pass):
                 protected[layer.node] = sqnr
         if not protected:
             return PassResult(model, False, {"protected": 0})
-        plan_opts = self._plan_options(model, set(protected))
-        methods = {e.method for e in table.tensors.values() if e.role is Role.ACTIVATION and e.method}
-        weight_methods = {e.method for e in table.tensors.values() if e.role is Role.WEIGHT and e.method}
-        Plan(plan_opts).run(model, ctx)
-        calib = CalibrateOptions(method=methods.pop() if len(methods) == 1 else "auto",
-                                 weights=weight_methods.pop() if len(weight_methods) == 1 else "minmax")
-        Calibrate(calib).run(model, ctx)
-        for node, sqnr in protected.items():
-            table.kept_float[node] = f"input quantization SQNR {sqnr:.1f} dB < {self.options.min_sqnr:g} dB (protect)"
+        replan_without(model, ctx, {
+            node: f"input quantization SQNR {sqnr:.1f} dB < {self.options.min_sqnr:g} dB (protect)"
+            for node, sqnr in protected.items()})
         return PassResult(model, True, {"protected": len(protected),
                                         "lowest_sqnr_db": round(min(protected.values()), 2)})
 
-    @staticmethod
-    def _plan_options(model: Model, extra: set[str]):
-        previous = model.quant.plan_options
-        base = previous if previous is not None else Plan.Options()
-        return dataclasses.replace(base, exclude=tuple(sorted(set(base.exclude) | extra)))
+
+def replan_without(model: Model, ctx, reasons: dict[str, str]) -> None:
+    """Plan again with the given layers excluded and recalibrate from the cached statistics."""
+    table = model.quant
+    methods = {e.method for e in table.tensors.values() if e.role is Role.ACTIVATION and e.method}
+    weight_methods = {e.method for e in table.tensors.values() if e.role is Role.WEIGHT and e.method}
+    previous_float = dict(table.kept_float)
+    base = table.plan_options if table.plan_options is not None else Plan.Options()
+    Plan(dataclasses.replace(base, exclude=tuple(sorted(set(base.exclude) | set(reasons))))).run(model, ctx)
+    auto = {"octav", "minmax"} >= methods and len(methods) > 1
+    method = "auto" if auto or not methods else (methods.pop() if len(methods) == 1 else "auto")
+    weights = weight_methods.pop() if len(weight_methods) == 1 else "minmax"
+    Calibrate(CalibrateOptions(method=method, weights=weights)).run(model, ctx)
+    table.kept_float.update({k: v for k, v in previous_float.items() if k not in reasons})
+    table.kept_float.update({k: v for k, v in reasons.items() if v})

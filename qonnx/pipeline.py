@@ -93,12 +93,17 @@ def registry() -> dict[str, type[Pass]]:
 # ------------------------------------------------------------------ presets
 PRESETS: dict[str, tuple[str, str]] = {
     "w8a8": (
-        "canonicalize,fold-bn,plan,calibrate,protect,bias-correction",
-        "INT8: per-channel int8 weights, uint8 activations, hard-to-quantize layers kept float, bias correction",
+        "canonicalize,fold-bn,plan,calibrate,protect,keep-fast,bias-correction",
+        "INT8: per-channel int8 weights, uint8 activations; layers that quantize badly or run slower in "
+        "int8 stay float; bias correction",
     ),
     "w8a8-minmax": (
-        "canonicalize,fold-bn,plan,calibrate{method=minmax}",
+        "canonicalize,fold-bn,plan,calibrate{method=minmax},bias-correction",
         "INT8 with plain min/max activation ranges (fastest calibration)",
+    ),
+    "w8a8-static": (
+        "canonicalize,fold-bn,plan,calibrate,protect,bias-correction",
+        "w8a8 without the latency measurement: output independent of machine timings",
     ),
 }
 
