@@ -16,8 +16,8 @@ import numpy as np
 from passes.calibrate import MEANS_ANALYSIS, collect_activation_stats, set_bias_params
 from qonnx.ir import Model
 from qonnx.pipeline import Pass, PassResult, option, register
-from qonnx.qtable import Role
 from qonnx.quant import fake_quantize
+
 
 def channel_means(model: Model, names: list[str], ctx, batch_size: int = 8, samples: int = 0
                   ) -> dict[str, np.ndarray]:

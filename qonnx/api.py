@@ -15,7 +15,14 @@ from qonnx.calibration import CalibrationSet, open_calibration
 from qonnx.errors import InputError
 from qonnx.export import FusionReport, export_qdq, fusion_report
 from qonnx.ir import Model, import_model, load_model, save_model
-from qonnx.manager import NumericVerifier, PassContext, PassManager, PassRecord, Reproducer, StructuralVerifier
+from qonnx.manager import (
+    NumericVerifier,
+    PassContext,
+    PassManager,
+    PassRecord,
+    Reproducer,
+    StructuralVerifier,
+)
 from qonnx.metrics import Fidelity
 from qonnx.ort import make_session
 from qonnx.pipeline import Pipeline

@@ -7,8 +7,8 @@ keyed by the exact tensor name (unique in a graph), never by derived names.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
 from enum import Enum
+from typing import Any
 
 import numpy as np
 

@@ -15,6 +15,7 @@ from models.tasks import TASKS  # noqa: E402
 from qonnx.calibration import open_calibration  # noqa: E402
 from qonnx.ort import make_session, measure_latency  # noqa: E402
 
+
 def main(task_name: str) -> None:
     logging.basicConfig(level=logging.WARNING)
     task = TASKS[task_name]

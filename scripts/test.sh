@@ -7,4 +7,5 @@ cd "$(dirname "$0")/.."
 python -m pip install -q -e ".[test]"
 bash models/setup.sh -q
 python -m models.prepare --all
+ruff check qonnx passes tests models scripts
 python -m pytest -q

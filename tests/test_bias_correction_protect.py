@@ -11,7 +11,7 @@ from qonnx.calibration import open_calibration
 from qonnx.errors import PreconditionError
 from qonnx.export import export_qdq
 from qonnx.manager import PassContext
-from qonnx.ort import make_session, with_outputs
+from qonnx.ort import make_session
 from qonnx.pipeline import Pipeline
 
 

@@ -12,8 +12,6 @@ from pathlib import Path
 import numpy as np
 import onnx
 import pytest
-
-from qonnx.pipeline import PRESETS
 from click.testing import CliRunner
 from conftest import (
     conv_bn_relu_conv,
@@ -32,7 +30,7 @@ from conftest import (
 from onnx import external_data_helper
 
 from qonnx.cli import main
-from qonnx.pipeline import Pipeline, registry
+from qonnx.pipeline import PRESETS, Pipeline, registry
 
 QONNX = shutil.which("qonnx") or str(Path(sys.executable).parent / "qonnx")
 
