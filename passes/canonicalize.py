@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import numpy as np
+import onnx
 
 from qonnx.ir import Model
 from qonnx.pipeline import Pass, PassResult, register
@@ -71,10 +72,22 @@ def _matmul_add_to_gemm(model: Model) -> int:
     return fused
 
 
+def _is_noop_cast(model: Model, node) -> bool:
+    """A Cast to the type its input already has (Keras exports are full of them)."""
+    if node.op != "Cast" or "to" not in node.attrs:
+        return False
+    source = model.dtype_of(node.inputs[0])
+    try:
+        target = np.dtype(onnx.helper.tensor_dtype_to_np_dtype(int(node.attrs["to"])))
+    except (KeyError, TypeError, ValueError):
+        return False
+    return source is not None and source == target
+
+
 def _drop_identities(model: Model) -> int:
     dropped = 0
     for node in list(model.nodes):
-        if node.op == "Identity" or (node.op == "Dropout" and (
+        if node.op == "Identity" or _is_noop_cast(model, node) or (node.op == "Dropout" and (
                 len(node.outputs) == 1 or not (model.consumers(node.outputs[1]) or model.is_graph_output(node.outputs[1])))):
             if model.used_in_subgraph(node.outputs[0]):
                 continue
@@ -89,7 +102,7 @@ def _drop_identities(model: Model) -> int:
 @register
 class Canonicalize(Pass):
     name = "canonicalize"
-    summary = ("fold constant subgraphs (Shape chains too), fold zero Pads into Conv, drop Identity/Dropout, "
+    summary = ("fold constant subgraphs (Shape chains too), fold zero Pads into Conv, drop Identity/Dropout/no-op Casts, "
                "2-D MatMul+Add into Gemm")
     provides = frozenset({"canonical"})
     exact = True

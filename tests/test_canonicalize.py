@@ -21,7 +21,7 @@ from conftest import (
 )
 
 from qonnx.manager import PassContext
-from qonnx.pipeline import registry
+from qonnx.pipeline import Pipeline, registry
 
 RTOL, ATOL = 1e-5, 1e-6
 
@@ -337,3 +337,23 @@ def test_second_run_changes_nothing(builder):
     second = canonicalize(first.model)
     assert second.modified is False
     assert second.model.to_bytes() == text
+
+
+def test_noop_cast_is_dropped_and_a_real_cast_is_kept():
+    from conftest import build_model, import_proto, randn, rng
+
+    g = rng(12)
+    model = build_model("""
+    agraph (float[N,4] x) => (float[N,3] y, double[N,3] z) {
+        h = MatMul (x, w)
+        c = Cast <to = 1> (h)
+        y = Add (c, b)
+        z = Cast <to = 11> (y)
+    }""", {"w": randn(g, 4, 3), "b": randn(g, 3)})
+    ir = import_proto(model)
+    (p,) = Pipeline.parse("canonicalize").passes
+    result = p.run(ir, PassContext())
+    ops = [n.op for n in result.model.nodes]
+    assert result.modified is True
+    assert ops.count("Cast") == 1 and "Gemm" in ops  # the float->float Cast no longer hides MatMul+Add
+    assert p.run(result.model, PassContext()).modified is False
