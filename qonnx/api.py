@@ -14,7 +14,7 @@ from qonnx import __version__
 from qonnx.calibration import CalibrationSet, open_calibration
 from qonnx.errors import InputError
 from qonnx.export import FusionReport, export_qdq, fusion_report
-from qonnx.ir import Model, import_model, load_model, save_model
+from qonnx.ir import Model, import_model, load_model
 from qonnx.manager import (
     NumericVerifier,
     PassContext,
@@ -24,6 +24,7 @@ from qonnx.manager import (
     StructuralVerifier,
 )
 from qonnx.metrics import Fidelity
+from qonnx.modelio import save_model
 from qonnx.ort import make_session
 from qonnx.pipeline import Pipeline
 

@@ -9,8 +9,9 @@ import numpy as np
 
 from qonnx.calibration import open_calibration
 from qonnx.errors import InputError
-from qonnx.ir import load_model, read_model_proto
+from qonnx.ir import load_model
 from qonnx.metrics import Fidelity
+from qonnx.modelio import read_model_proto
 from qonnx.ort import make_session, measure_latency
 from qonnx.verify import sample_feed
 

@@ -76,7 +76,7 @@ def optimize(model: Path, output: Path, calib_data: Path | None, preprocess: str
         click.echo(f"note: {note}")
     click.echo(f"wrote {output}")
     if json_out:
-        from qonnx.ir import write_bytes_atomic
+        from qonnx.modelio import write_bytes_atomic
 
         report = {
             "pipeline": str(result.pipeline), "layers": layers, "integer_kernels": fused,
@@ -127,7 +127,7 @@ def bench(models: tuple[Path, ...], data: Path | None, labels: Path | None, thre
 
     click.echo(format_table(rows))
     if json_out:
-        from qonnx.ir import write_bytes_atomic
+        from qonnx.modelio import write_bytes_atomic
 
         write_bytes_atomic(json.dumps(rows, indent=2).encode(), json_out)
 
@@ -165,7 +165,7 @@ def attribute(model: Path, calib_data: Path, preprocess: str | None, preset: str
     click.echo(f"whole model: {result.fidelity}")
     click.echo(format_attribution(rows, top))
     if json_out:
-        from qonnx.ir import write_bytes_atomic
+        from qonnx.modelio import write_bytes_atomic
 
         write_bytes_atomic(json.dumps([r.as_dict() for r in rows], indent=2).encode(), json_out)
 

@@ -16,7 +16,8 @@ from typing import Any, Protocol
 import numpy as np
 
 from qonnx.errors import InputError, PassError, QonnxError, VerificationError
-from qonnx.ir import Model, save_model, write_bytes_atomic
+from qonnx.ir import Model
+from qonnx.modelio import save_model, write_bytes_atomic
 from qonnx.pipeline import Pass, Pipeline
 
 log = logging.getLogger(__name__)

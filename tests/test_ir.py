@@ -9,7 +9,8 @@ from conftest import conv_bn_relu_conv, feed_for, import_proto, op_counts, run_o
 from onnx import helper
 
 from qonnx.errors import InputError, UnsupportedModelError
-from qonnx.ir import import_model, load_model, save_model, write_bytes_atomic
+from qonnx.ir import import_model, load_model
+from qonnx.modelio import save_model, write_bytes_atomic
 from qonnx.qtable import LayerQuant, QuantTable, Role, TensorQuant
 from qonnx.quant import QuantScheme
 
