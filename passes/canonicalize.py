@@ -72,6 +72,57 @@ def _matmul_add_to_gemm(model: Model) -> int:
     return fused
 
 
+def _scalar(model: Model, tensor) -> int | None:
+    value = model.constant_value(tensor)
+    return int(value.reshape(-1)[0]) if value is not None and value.size == 1 else None
+
+
+def _same_dim(source, data, index: int | None) -> bool:
+    """Whether dimension `index` of `source` provably equals that of `data` (same tensor or same symbol)."""
+    if index is None:
+        return False
+    if source is data:
+        return True
+    a, b = source.shape, data.shape
+    if a is None or b is None or index >= min(len(a), len(b)):
+        return False
+    return a[index] == b[index] and (isinstance(a[index], str) or (isinstance(a[index], int) and a[index] > 0))
+
+
+def _static_reshape_targets(model: Model) -> int:
+    """Reshape(x, Concat(Unsqueeze(Gather(Shape(x), i)), ..., [-1])) -> Reshape(x, [..0 at i.., -1]).
+
+    `x.view(x.size(0), -1)` exports the batch size as a Shape chain; a 0 in a
+    Reshape target copies that dimension from the input, so the chain folds to a
+    constant (and ORT sees the same graph as after its own pre-processing).
+    """
+    folded = 0
+    for reshape in [n for n in model.nodes if n.op == "Reshape"]:
+        data, target = reshape.inputs[0], reshape.inputs[1]
+        concat = model.producer(target)
+        if model.is_constant(target) or concat is None or concat.op != "Concat" or reshape.attrs.get("allowzero", 0):
+            continue
+        values: list[int] = []
+        for part in concat.inputs:
+            constant = model.constant_value(part)
+            if constant is not None:
+                values.extend(int(v) for v in constant.reshape(-1))
+                continue
+            unsqueeze = model.producer(part)
+            gather = model.producer(unsqueeze.inputs[0]) if unsqueeze is not None and unsqueeze.op == "Unsqueeze" else None
+            shape = model.producer(gather.inputs[0]) if gather is not None and gather.op == "Gather" else None
+            index = _scalar(model, gather.inputs[1]) if gather is not None else None
+            if (shape is None or shape.op != "Shape" or not _same_dim(shape.inputs[0], data, index)
+                    or shape.attrs.get("start") or shape.attrs.get("end") is not None or index != len(values)):
+                values = []
+                break
+            values.append(0)
+        if values and values.count(-1) <= 1 and 0 in values:
+            reshape.inputs[1] = model.make_constant(reshape.name + "_shape", np.array(values, dtype=np.int64))
+            folded += 1
+    return folded
+
+
 def _is_noop_cast(model: Model, node) -> bool:
     """A Cast to the type its input already has (Keras exports are full of them)."""
     if node.op != "Cast" or "to" not in node.attrs:
@@ -115,10 +166,12 @@ class Canonicalize(Pass):
         pads = _fold_pad_into_conv(model)
         dropped = _drop_identities(model)
         gemms = _matmul_add_to_gemm(model)
+        reshapes = _static_reshape_targets(model)
         model.cleanup()
-        if pads or dropped:
+        if pads or dropped or reshapes:
+            model.cleanup()
             model.fold_constants()
         model.infer_shapes()
-        modified = bool(folded_constants or pads or dropped or gemms)
+        modified = bool(folded_constants or pads or dropped or gemms or reshapes)
         return PassResult(model, modified, {"nodes_folded": folded_constants, "pads_into_conv": pads,
-                                            "identities_dropped": dropped, "matmul_add_to_gemm": gemms, "nodes": len(model.nodes)})
+                                            "identities_dropped": dropped, "matmul_add_to_gemm": gemms, "static_reshapes": reshapes, "nodes": len(model.nodes)})

@@ -304,6 +304,7 @@ class Model:
     def infer_shapes(self) -> None:
         """Refresh dtypes/shapes of every tensor through ONNX shape inference."""
         proto = self.to_onnx()
+        del proto.graph.value_info[:]  # stale symbols (from before constant folding) would stick
         try:
             proto = onnx.shape_inference.infer_shapes(proto, data_prop=True)
         except Exception as e:  # custom domains etc.: keep what we know

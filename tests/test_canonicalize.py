@@ -357,3 +357,29 @@ def test_noop_cast_is_dropped_and_a_real_cast_is_kept():
     assert result.modified is True
     assert ops.count("Cast") == 1 and "Gemm" in ops  # the float->float Cast no longer hides MatMul+Add
     assert p.run(result.model, PassContext()).modified is False
+
+
+def test_batch_size_shape_chain_before_reshape_becomes_a_constant_target():
+    from conftest import build_model, import_proto, randn, rng
+
+    model = build_model("""
+    agraph (float[N,4,2,2] x) => (float[N,16] y) {
+        r = Relu (x)
+        s = Shape (x)
+        zero = Constant <value = int64 {0}> ()
+        n = Gather <axis = 0> (s, zero)
+        axes = Constant <value = int64[1] {0}> ()
+        n1 = Unsqueeze (n, axes)
+        minus = Constant <value = int64[1] {-1}> ()
+        target = Concat <axis = 0> (n1, minus)
+        y = Reshape (r, target)
+    }""")
+    ir = import_proto(model)
+    (p,) = Pipeline.parse("canonicalize").passes
+    feed = {"x": randn(rng(1), 3, 4, 2, 2)}
+    before = run_ort(model, feed)[0]
+    result = p.run(ir, PassContext())
+    ops = [n.op for n in result.model.nodes]
+    assert result.stats["static_reshapes"] == 1 and ops == ["Relu", "Reshape"]
+    np.testing.assert_array_equal(run_ort(result.model.to_onnx(), feed)[0], before)
+    assert p.run(result.model, PassContext()).modified is False
