@@ -246,6 +246,28 @@ def reference_outputs(
 # ----------------------------------------------------------------------------------------------
 # Metrics shared by several tasks.
 # ----------------------------------------------------------------------------------------------
+def evaluate_classifier(
+    model_path: Path,
+    task_dir: Path,
+    *,
+    reference_key: str,
+    session_factory: Any = None,
+    batch_size: int = 64,
+    max_samples: int | None = None,
+) -> dict[str, float]:
+    """Accuracy against `eval_labels.npy` and top-1 agreement with the cached FP32 outputs."""
+    data = load_npz(task_dir / "eval.npz")
+    labels = np.load(task_dir / "eval_labels.npy")[:max_samples]
+    ref = reference_outputs(task_dir, lambda s: {reference_key: run_first_output(s, data, batch_size)})[reference_key]
+    scores = run_first_output((session_factory or default_session)(model_path), take(data, max_samples), batch_size)
+    pred = scores.argmax(-1)
+    return {
+        "accuracy": float(np.mean(pred == labels)),
+        "top1_agreement": float(np.mean(pred == ref[:max_samples].argmax(-1))),
+        "samples": float(len(pred)),
+    }
+
+
 def log_softmax(x: np.ndarray) -> np.ndarray:
     x = x.astype(np.float64)
     x = x - x.max(axis=-1, keepdims=True)

@@ -21,15 +21,11 @@ from ._common import (
     SessionFactory,
     atomic_output,
     debian_files,
-    default_session,
-    load_npz,
+    evaluate_classifier,
     needs,
-    reference_outputs,
-    run_first_output,
     save_json_atomic,
     save_npy_atomic,
     save_npz_atomic,
-    take,
 )
 
 log = logging.getLogger(__name__)
@@ -187,15 +183,6 @@ def evaluate(
     batch_size: int = 500,
     max_samples: int | None = None,
 ) -> dict[str, float]:
-    data = load_npz(task_dir / "eval.npz")
-    labels = np.load(task_dir / "eval_labels.npy")[:max_samples]
-    ref = reference_outputs(task_dir, lambda s: {"logits": run_first_output(s, data, batch_size)})["logits"]
-    logits = run_first_output(
-        (session_factory or default_session)(model_path), take(data, max_samples), batch_size
-    )
-    pred = logits.argmax(-1)
-    return {
-        "accuracy": float(np.mean(pred == labels)),
-        "top1_agreement": float(np.mean(pred == ref[:max_samples].argmax(-1))),
-        "samples": float(len(pred)),
-    }
+    return evaluate_classifier(model_path, task_dir, reference_key="logits", session_factory=session_factory,
+                               batch_size=batch_size, max_samples=max_samples)
+

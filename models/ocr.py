@@ -20,12 +20,12 @@ from ._common import (
     SessionFactory,
     copy_atomic,
     default_session,
+    evaluate_classifier,
     load_npz,
     needs,
     package_file,
     reference_outputs,
     run_batched,
-    run_first_output,
     save_json_atomic,
     save_npy_atomic,
     save_npz_atomic,
@@ -244,14 +244,6 @@ def evaluate_cls(
     batch_size: int = 64,
     max_samples: int | None = None,
 ) -> dict[str, float]:
-    data = load_npz(task_dir / "eval.npz")
-    labels = np.load(task_dir / "eval_labels.npy")[:max_samples]
-    ref = reference_outputs(task_dir, lambda s: {"probs": run_first_output(s, data, batch_size)})["probs"]
-    probs = run_first_output(
-        (session_factory or default_session)(model_path), take(data, max_samples), batch_size
-    )
-    return {
-        "accuracy": float(np.mean(probs.argmax(-1) == labels)),
-        "top1_agreement": float(np.mean(probs.argmax(-1) == ref[:max_samples].argmax(-1))),
-        "samples": float(len(probs)),
-    }
+    return evaluate_classifier(model_path, task_dir, reference_key="probs", session_factory=session_factory,
+                               batch_size=batch_size, max_samples=max_samples)
+
