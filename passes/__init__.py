@@ -1,3 +1,3 @@
 """Built-in passes; importing this package registers them."""
 
-from passes import bias_correction, calibrate, canonicalize, fold_bn, keep_fast, plan, protect  # noqa: F401
+from passes import bias_correction, calibrate, canonicalize, cle, fold_bn, keep_fast, plan, protect, relu6  # noqa: F401

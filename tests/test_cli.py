@@ -361,7 +361,7 @@ def test_missing_calibration_data_for_calibrate(work):
 @pytest.mark.parametrize(
     ("args", "needles"),
     [
-        (["--passes", "fold-bn,cle"], ["cle"]),
+        (["--passes", "fold-bn,no-such-pass"], ["no-such-pass"]),
         (["--passes", "plan{per_chanel=false}"], ["plan", "per_chanel"]),
         (["--passes", "calibrate{method=kmeans}"], ["calibrate", "method"]),
         (["--preset", "w9a9"], ["w9a9"]),
