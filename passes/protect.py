@@ -19,8 +19,9 @@ from passes.calibrate import STATS_ANALYSIS, Calibrate, CalibrateOptions, collec
 from passes.plan import Plan
 from qonnx.ir import Model
 from qonnx.pipeline import Pass, PassResult, option, register
-from qonnx.qtable import Role
-from qonnx.ranges import histogram_mse
+from qonnx.qtable import QuantState, Role, TensorQuant
+from qonnx.quant import QuantScheme, scale_zero_point
+from qonnx.ranges import histogram_mse, weight_range
 
 
 def expected_sqnr_db(stats, entry) -> float:
@@ -33,7 +34,10 @@ def expected_sqnr_db(stats, entry) -> float:
 
 @dataclass(frozen=True)
 class ProtectOptions:
-    min_sqnr: float = option(22.0, "keep a layer float when its input's expected quantization SQNR is below this (dB)")
+    min_sqnr: float = option(22.0, "protect a layer when its input's expected quantization SQNR is below this (dB)")
+    fallback: str = option("float", "what a protected MatMul becomes: dynamic (int8 with its input range taken "
+                                      "per run) or float; other layers always stay float",
+                           choices=("dynamic", "float"))
 
 
 @register
@@ -58,11 +62,36 @@ class Protect(Pass):
                 protected[layer.node] = sqnr
         if not protected:
             return PassResult(model, False, {"protected": 0})
+        weights = {node: table.layers[node].weight for node in protected}
         replan_without(model, ctx, {
             node: f"input quantization SQNR {sqnr:.1f} dB < {self.options.min_sqnr:g} dB (protect)"
             for node, sqnr in protected.items()})
-        return PassResult(model, True, {"protected": len(protected),
+        dynamic = 0
+        if self.options.fallback == "dynamic":
+            dynamic = _make_dynamic(model, {n: w for n, w in weights.items() if w is not None})
+        return PassResult(model, True, {"protected": len(protected), "dynamic": dynamic,
                                         "lowest_sqnr_db": round(min(protected.values()), 2)})
+
+
+def _make_dynamic(model: Model, weights: dict[str, str]) -> int:
+    """Protected MatMuls with a constant 2-D weight get per-run input quantization (DynamicQuantizeMatMul)."""
+    table, tensors = model.quant, model.tensors()
+    nodes = {n.name: n for n in model.nodes}
+    made = 0
+    for node_name, weight_name in sorted(weights.items()):
+        node = nodes[node_name]
+        w = model.constant_value(tensors[weight_name])
+        if node.op != "MatMul" or w is None or w.ndim != 2 or len(model.consumers(tensors[weight_name])) != 1:
+            continue
+        scheme = QuantScheme(bits=8, signed=True, symmetric=True, axis=1)
+        rmin, rmax = weight_range(w, scheme, "minmax")
+        scale, zero_point = scale_zero_point(rmin, rmax, scheme)
+        table.dynamic[node_name] = TensorQuant(Role.WEIGHT, scheme, scale, zero_point, QuantState.CALIBRATED,
+                                               method="minmax")
+        table.kept_float[node_name] = table.kept_float[node_name].replace(
+            "(protect)", "(protect): input quantized per run instead (dynamic)")
+        made += 1
+    return made
 
 
 def replan_without(model: Model, ctx, reasons: dict[str, str]) -> None:

@@ -110,7 +110,8 @@ def optimize(
         "qonnx.pipeline": pipe.canonical(),
         "qonnx.seed": str(seed),
     })
-    proto = export_qdq(ir) if ir.quant.tensors else ir.to_onnx()
+    quantized = bool(ir.quant.tensors or ir.quant.dynamic)
+    proto = export_qdq(ir) if quantized else ir.to_onnx()
     onnx.checker.check_model(proto)
     result = OptimizeResult(model=proto, ir=ir, pipeline=pipe, records=records, size_before=len(source_bytes))
     result.size_after = len(result.to_bytes())
@@ -118,9 +119,9 @@ def optimize(
     inner_layers = sum(inner.get(op, 0) for op in ("Conv", "Gemm", "MatMul", "LSTM", "GRU"))
     if inner_layers:
         result.notes.append(f"{inner_layers} compute layers inside If/Loop subgraphs stay float (passed through)")
-    if not ir.quant.layers:
+    if not ir.quant.layers and not ir.quant.dynamic:
         result.notes.append("no layer of the main graph could be quantized: the output equals the float model")
-    if check_fusion and ir.quant.tensors:
+    if check_fusion and quantized:
         result.fusion = fusion_report(proto)
         for op, name in result.fusion.float_layers:
             reason = ir.quant.kept_float.get(name, "ORT did not fuse it into an integer kernel")

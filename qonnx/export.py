@@ -143,8 +143,37 @@ def export_qdq(model: Model) -> onnx.ModelProto:
                             -(2**31), 2**31 - 1)
         _export_constant(m, tensor, entry, codes)
         entry.state = QuantState.EXPORTED
+    for node_name, entry in sorted(m.quant.dynamic.items()):
+        _export_dynamic_matmul(m, node_name, entry)
     m.cleanup()
     return m.to_onnx()
+
+
+def _export_dynamic_matmul(m: Model, node_name: str, entry: TensorQuant) -> None:
+    """MatMul(x, W) -> DynamicQuantizeLinear(x), MatMulInteger, Cast, Mul(s_x * s_w): ORT's DynamicQuantizeMatMul."""
+    node = next(n for n in m.nodes if n.name == node_name)
+    x, w_tensor = node.inputs
+    out = node.outputs[0]
+    w = m.constant_value(w_tensor)
+    codes = quantize(w, entry.scale, entry.zero_point, entry.scheme).astype(np.int8)
+    base = node_name
+    xq = m.make_variable(base + "_input_quantized", dtype=np.uint8)
+    xs = m.make_variable(base + "_input_scale", dtype=np.float32, shape=[])
+    xzp = m.make_variable(base + "_input_zero_point", dtype=np.uint8, shape=[])
+    m.add_node("DynamicQuantizeLinear", [x], [xq, xs, xzp], name=base + "_DynamicQuantizeLinear")
+    w_q = m.make_constant(w_tensor.name + "_quantized", codes)
+    w_zp = m.make_constant(w_tensor.name + "_zero_point", np.zeros(codes.shape[1], np.int8))
+    acc = m.make_variable(base + "_int32", dtype=np.int32)
+    m.add_node("MatMulInteger", [xq, w_q, xzp, w_zp], [acc], name=base + "_MatMulInteger")
+    acc_f = m.make_variable(base + "_int32_float", dtype=np.float32)
+    m.add_node("Cast", [acc], [acc_f], {"to": onnx.TensorProto.FLOAT}, name=base + "_Cast")
+    scales = m.make_variable(base + "_scales", dtype=np.float32)
+    w_scale = m.make_constant(w_tensor.name + "_scale", np.asarray(entry.scale, np.float32).reshape(-1))
+    m.add_node("Mul", [xs, w_scale], [scales], name=base + "_scales_Mul")
+    node.inputs.clear()
+    node.outputs.clear()
+    m.graph.nodes.remove(node)
+    m.add_node("Mul", [acc_f, scales], [out], name=base + "_output_Mul")
 
 
 # ------------------------------------------------------------------ fusion report

@@ -72,6 +72,9 @@ class QuantTable:
     # Nodes deliberately left in float, with the reason (reported to the user).
     kept_float: dict[str, str] = field(default_factory=dict)
     plan_options: Any = None  # the options the current plan was made with (re-planning keeps them)
+    # MatMuls whose input is quantized per run (DynamicQuantizeLinear) because no static range
+    # fits it: node name -> its weight's (calibrated) entry.
+    dynamic: dict[str, TensorQuant] = field(default_factory=dict)
 
     def __len__(self) -> int:
         return len(self.tensors)
@@ -110,6 +113,7 @@ class QuantTable:
         self.tensors.clear()
         self.layers.clear()
         self.kept_float.clear()
+        self.dynamic.clear()
 
     def summary(self) -> dict[str, int]:
         counts: dict[str, int] = {}

@@ -159,3 +159,19 @@ def test_plan_exclude_with_an_unknown_node_name_is_an_error():
     model = outlier_mlp()
     with pytest.raises(PreconditionError, match="no_such_node"):
         run(import_proto(model), "plan{exclude=[no_such_node]}", outlier_data())
+
+
+def test_protect_dynamic_fallback_runs_as_dynamic_quantize_matmul():
+    from qonnx.ort import optimized_graph
+
+    model = outlier_mlp()
+    data, held_out = outlier_data(64, 0), outlier_data(64, 1)
+    spec = "plan,calibrate{method=minmax},protect{min_sqnr=32,fallback=dynamic}"
+    result = qonnx.optimize(model, data, pipeline=spec, holdout=0)
+    assert result.ir.quant.dynamic, result.ir.quant.kept_float
+    ops = [n.op_type for n in optimized_graph(result.model).graph.node]
+    assert ops.count("DynamicQuantizeMatMul") == len(result.ir.quant.dynamic)
+    assert all("dynamic" in result.ir.quant.kept_float[n] for n in result.ir.quant.dynamic)
+    ref = make_session(model.SerializeToString()).run(None, held_out)[0]
+    out = make_session(result.to_bytes()).run(None, held_out)[0]
+    assert 10 * np.log10(np.sum(ref**2) / np.sum((ref - out) ** 2)) > 25
