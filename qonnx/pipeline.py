@@ -93,7 +93,7 @@ def registry() -> dict[str, type[Pass]]:
 # ------------------------------------------------------------------ presets
 PRESETS: dict[str, tuple[str, str]] = {
     "w8a8": (
-        "canonicalize,fold-bn,plan,calibrate,protect,keep-fast,bias-correction",
+        "canonicalize,fold-bn,smooth,plan,calibrate,protect,keep-fast,bias-correction",
         "INT8: per-channel int8 weights, uint8 activations; layers that quantize badly or run slower in "
         "int8 stay float; bias correction",
     ),
@@ -102,7 +102,7 @@ PRESETS: dict[str, tuple[str, str]] = {
         "INT8 with plain min/max activation ranges (fastest calibration)",
     ),
     "w8a8-static": (
-        "canonicalize,fold-bn,plan,calibrate,protect,bias-correction",
+        "canonicalize,fold-bn,smooth,plan,calibrate,protect,bias-correction",
         "w8a8 without the latency measurement: output independent of machine timings",
     ),
 }

@@ -198,7 +198,7 @@ def test_optimize_without_data_fails_before_any_pass(monkeypatch):
     for cls in registry().values():
         original = cls.run
         monkeypatch.setattr(cls, "run", lambda self, m, c, _o=original: (ran.append(self.name), _o(self, m, c))[1])
-    with pytest.raises(PreconditionError, match="calibrate"):
+    with pytest.raises(PreconditionError, match="smooth"):
         qonnx.optimize(conv_bn_relu_conv(), None)
     assert ran == []
 
