@@ -14,9 +14,10 @@ from dataclasses import dataclass
 import numpy as np
 
 from passes.calibrate import MEANS_ANALYSIS, collect_activation_stats, set_bias_params
+from qonnx.export import quantized_weight_codes
 from qonnx.ir import Model
 from qonnx.pipeline import Pass, PassResult, option, register
-from qonnx.quant import fake_quantize
+from qonnx.quant import dequantize
 
 
 def channel_means(model: Model, names: list[str], ctx, batch_size: int = 8, samples: int = 0
@@ -73,10 +74,8 @@ class BiasCorrection(Pass):
         for layer in layers:
             w_entry = table.get(layer.weight)
             w = model.constant_value(tensors[layer.weight])
-            quantized = w_entry.codes is not None and w_entry.scale is not None
-            approx = (fake_quantize(w, w_entry.scale, w_entry.zero_point, w_entry.scheme) if not quantized
-                      else (np.asarray(w_entry.codes, np.float32) * np.asarray(w_entry.scale).reshape(
-                          [-1 if i == (w_entry.scheme.axis or 0) else 1 for i in range(w.ndim)])))
+            codes = quantized_weight_codes(w_entry, w)  # rounded codes (AdaRound) or nearest rounding
+            approx = dequantize(codes, w_entry.scale, w_entry.zero_point, w_entry.scheme.axis)
             shift = output_shift(nodes[layer.node], (approx.astype(np.float64) - w), means[layer.input])
             if shift is None:
                 continue

@@ -13,23 +13,13 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass
 
-import numpy as np
-
 from passes.calibrate import STATS_ANALYSIS, Calibrate, CalibrateOptions, collect_activation_stats
 from passes.plan import Plan
 from qonnx.ir import Model
 from qonnx.pipeline import Pass, PassResult, option, register
 from qonnx.qtable import QuantState, Role, TensorQuant
 from qonnx.quant import QuantScheme, scale_zero_point
-from qonnx.ranges import histogram_mse, weight_range
-
-
-def expected_sqnr_db(stats, entry) -> float:
-    power = stats.sumsq / max(stats.count, 1)
-    rmin = np.array([float(entry.scale) * (entry.scheme.qmin - int(entry.zero_point))])
-    rmax = np.array([float(entry.scale) * (entry.scheme.qmax - int(entry.zero_point))])
-    mse = float(histogram_mse(stats, rmin, rmax, entry.scheme)[0])
-    return float("inf") if mse <= 0 else 10.0 * np.log10(max(power, 1e-300) / mse)
+from qonnx.ranges import expected_sqnr_db, weight_range
 
 
 @dataclass(frozen=True)
@@ -57,7 +47,8 @@ class Protect(Pass):
         protected: dict[str, float] = {}
         for layer in table.layers.values():
             root = table.root(layer.input)
-            sqnr = expected_sqnr_db(stats[root], table.get(root))
+            entry = table.get(root)
+            sqnr = expected_sqnr_db(stats[root], entry.scale, entry.zero_point, entry.scheme)
             if sqnr < self.options.min_sqnr:
                 protected[layer.node] = sqnr
         if not protected:

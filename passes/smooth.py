@@ -19,7 +19,7 @@ from qonnx.ir import Model
 from qonnx.ort import make_session, with_outputs
 from qonnx.pipeline import Pass, PassResult, option, register
 from qonnx.quant import QuantScheme, scale_zero_point
-from qonnx.ranges import histogram_mse
+from qonnx.ranges import expected_sqnr_db
 from qonnx.stats import TensorHistogram
 
 SUFFIX = "_Smooth"
@@ -42,12 +42,8 @@ def _candidates(model: Model) -> list:
 
 
 def _sqnr_db(stats: TensorHistogram) -> float:
-    scale, zero_point = scale_zero_point(stats.min, stats.max, ACTIVATION)
-    rmin = np.array([float(scale) * (ACTIVATION.qmin - int(zero_point))])
-    rmax = np.array([float(scale) * (ACTIVATION.qmax - int(zero_point))])
-    mse = float(histogram_mse(stats, rmin, rmax, ACTIVATION)[0])
-    power = stats.sumsq / max(stats.count, 1)
-    return float("inf") if mse <= 0 else 10 * np.log10(max(power, 1e-300) / mse)
+    """Expected SQNR of the input with a min/max uint8 range."""
+    return expected_sqnr_db(stats, *scale_zero_point(stats.min, stats.max, ACTIVATION), ACTIVATION)
 
 
 @dataclass(frozen=True)

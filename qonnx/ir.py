@@ -273,13 +273,11 @@ class Model:
         if self.is_graph_output(out):
             if self.is_graph_output(src) or src in self.graph.inputs or isinstance(src, gs.Constant):
                 return  # cannot remove without changing the interface
-            producer = self.producer(src)
             name = out.name
             out.name = self.unique_name(name + "_removed")
             src.name = name
             src.dtype, src.shape = out.dtype or src.dtype, out.shape or src.shape
             self.graph.outputs = [src if t is out else t for t in self.graph.outputs]
-            assert producer is not None or True
         for consumer in list(out.outputs):
             consumer.inputs = [src if t is out else t for t in consumer.inputs]
         node.outputs.clear()

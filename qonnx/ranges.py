@@ -112,6 +112,15 @@ def _upper_quantile(counts: np.ndarray, width: float, n_above: float) -> float:
     return (j + 1 - inside) * width
 
 
+def expected_sqnr_db(stats: TensorHistogram, scale: float, zero_point: int, scheme: QuantScheme) -> float:
+    """SQNR (dB) of quantizing the histogrammed tensor with these per-tensor parameters."""
+    rmin = np.array([float(scale) * (scheme.qmin - int(zero_point))])
+    rmax = np.array([float(scale) * (scheme.qmax - int(zero_point))])
+    mse = float(histogram_mse(stats, rmin, rmax, scheme)[0])
+    power = stats.sumsq / max(stats.count, 1)
+    return float("inf") if mse <= 0 else 10.0 * np.log10(max(power, 1e-300) / mse)
+
+
 def histogram_mse(
     stats: TensorHistogram, rmin: np.ndarray, rmax: np.ndarray, scheme: QuantScheme
 ) -> np.ndarray:
