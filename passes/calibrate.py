@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from qonnx.ir import Model
-from qonnx.ort import make_session, with_outputs
+from qonnx.ort import stream_tensors
 from qonnx.pipeline import Pass, PassResult, option, register
 from qonnx.qtable import QuantState, Role
 from qonnx.quant import scale_zero_point
@@ -28,7 +28,7 @@ INT32_LIMIT = 2**31 - 1
 SAMPLES_PER_BATCH = 1 << 17  # histogram samples per tensor per batch: enough for the range methods
 
 
-def _sample_stride(size: int) -> int:
+def sample_stride(size: int) -> int:
     """An odd prime stride (no aliasing with power-of-two tensor layouts) giving ~SAMPLES_PER_BATCH samples."""
     want = -(-size // SAMPLES_PER_BATCH)
     if want <= 1:
@@ -57,24 +57,20 @@ def collect_activation_stats(model: Model, names: list[str], ctx, batch_size: in
     if cached is not None and cached[0][2] == samples and set(names) <= set(cached[1]) and not mean_names:
         return {n: cached[1][n] for n in names}
     data = ctx.calibration if not samples else ctx.calibration.head(samples)
-    graph_inputs = {t.name for t in model.inputs}
-    wanted = sorted({n for n in [*names, *mean_names] if n not in graph_inputs})
     sums: dict[str, np.ndarray] = {}
     counts: dict[str, int] = {}
-    proto = with_outputs(model.to_onnx(), wanted)
-    session = make_session(proto.SerializeToString(), threads=ctx.options.get("threads"), spinning=False)
+    stream = stream_tensors(model.to_onnx(), {*names, *mean_names}, data.batches(batch_size), ctx.options.get("threads"))
     stats = {n: TensorHistogram() for n in names}
     strides: dict[str, int] = {}
     with tqdm(total=len(data), desc="calibrating", unit="sample", disable=not ctx.progress, leave=False) as bar:
-        for feed in data.batches(batch_size):
-            values = dict(zip(wanted, session.run(wanted, feed))) if wanted else {}
+        for feed, values in stream:
             for name in names:
-                value = feed[name] if name in graph_inputs else values[name]
+                value = values[name]
                 if name not in strides:  # fixed per tensor, so batches keep their relative weight
-                    strides[name] = _sample_stride(value.size)
+                    strides[name] = sample_stride(value.size)
                 stats[name].update(value, sample_stride=strides[name])
             for name in mean_names:
-                value = feed[name] if name in graph_inputs else values[name]
+                value = values[name]
                 # Sum over every axis but 1 without materialising a transposed copy.
                 axes = tuple(i for i in range(value.ndim) if i != 1)
                 sums[name] = sums.get(name, 0.0) + value.sum(axis=axes, dtype=np.float64)

@@ -15,8 +15,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from passes.calibrate import sample_stride
 from qonnx.ir import Model
-from qonnx.ort import make_session, with_outputs
+from qonnx.ort import stream_tensors
 from qonnx.pipeline import Pass, PassResult, option, register
 from qonnx.quant import QuantScheme, scale_zero_point
 from qonnx.ranges import expected_sqnr_db
@@ -66,19 +67,16 @@ class Smooth(Pass):
         nodes = _candidates(model)
         if not nodes:
             return PassResult(model, False, {"smoothed": 0})
-        graph_inputs = {t.name for t in model.inputs}
         names = sorted({n.inputs[0].name for n in nodes})
-        wanted = [n for n in names if n not in graph_inputs]
-        session = make_session(with_outputs(model.to_onnx(), wanted).SerializeToString(), spinning=False)
         amax: dict[str, np.ndarray] = {}
         hists = {n: TensorHistogram() for n in names}
-        for feed in ctx.calibration.head(self.options.samples).batches(8):
-            values = dict(zip(wanted, session.run(wanted, feed))) if wanted else {}
+        batches = ctx.calibration.head(self.options.samples).batches(8)
+        for _, values in stream_tensors(model.to_onnx(), names, batches, ctx.options.get("threads")):
             for name in names:
-                x = feed[name] if name in graph_inputs else values[name]
+                x = values[name]
                 channel_max = np.abs(x).reshape(-1, x.shape[-1]).max(axis=0)
                 amax[name] = np.maximum(amax.get(name, 0.0), channel_max)
-                hists[name].update(x, sample_stride=max(1, x.size // (1 << 17)) | 1)
+                hists[name].update(x, sample_stride=sample_stride(x.size))
         smoothed, worst = 0, float("inf")
         for node in nodes:
             x, w_t = node.inputs

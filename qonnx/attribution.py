@@ -19,7 +19,7 @@ from qonnx.calibration import CalibrationSet
 from qonnx.export import export_qdq
 from qonnx.ir import Model
 from qonnx.metrics import Fidelity
-from qonnx.ort import make_session, with_outputs
+from qonnx.ort import make_session, stream_tensors
 from qonnx.qtable import QuantTable, Role
 from qonnx.quant import fake_quantize, sqnr_db
 
@@ -63,14 +63,9 @@ def attribute_errors(ir: Model, data: CalibrationSet, batch_size: int = 8, progr
     ref_outputs = [reference.run(None, f)[0] for f in feeds]
     table = ir.quant
     acts = [n for n, e in table.tensors.items() if e.role is Role.ACTIVATION]
-    graph_inputs = {t.name for t in ir.inputs}
-    probe = make_session(with_outputs(ir.to_onnx(), [n for n in acts if n not in graph_inputs]).SerializeToString())
     # Running signal and noise energy per tensor: memory stays bounded whatever the data size.
     energy = {n: np.zeros(2) for n in acts}
-    for feed in feeds:
-        names = [n for n in acts if n not in graph_inputs]
-        values = dict(zip(names, probe.run(names, feed)))
-        values.update({n: feed[n] for n in acts if n in graph_inputs})
+    for _, values in stream_tensors(ir.to_onnx(), acts, feeds):
         for n in acts:
             e = table.tensors[n]
             x = values[n].astype(np.float64)

@@ -76,6 +76,20 @@ def with_outputs(proto: onnx.ModelProto, names: Iterable[str]) -> onnx.ModelProt
     return fresh
 
 
+def stream_tensors(proto: onnx.ModelProto, names: Iterable[str], batches: Iterable[dict[str, np.ndarray]],
+                   threads: int | None = None) -> Iterator[tuple[dict[str, np.ndarray], dict[str, np.ndarray]]]:
+    """Yield (feed, {name: value}) per batch for the named tensors: graph inputs come from the
+    feed, intermediate tensors are exposed as extra outputs of an in-memory session."""
+    names = list(names)
+    graph_inputs = {i.name for i in proto.graph.input}
+    wanted = sorted({n for n in names if n not in graph_inputs})
+    session = make_session(with_outputs(proto, wanted).SerializeToString(), threads=threads, spinning=False)
+    for feed in batches:
+        values = dict(zip(wanted, session.run(wanted, feed))) if wanted else {}
+        values.update({n: feed[n] for n in names if n in graph_inputs})
+        yield feed, values
+
+
 def run_batches(session: ort.InferenceSession, batches: Iterable[dict[str, np.ndarray]],
                 outputs: list[str] | None = None) -> Iterator[dict[str, np.ndarray]]:
     names = outputs or [o.name for o in session.get_outputs()]
