@@ -55,25 +55,12 @@ def weight_axis(model: Model, node) -> int | None:
     return None
 
 
-def _clip_bounds(model: Model, node) -> tuple[float, float] | None:
-    if node.op == "Relu":
-        return 0.0, float("inf")
-    lo = model.constant_value(node.inputs[1]) if len(node.inputs) > 1 and node.inputs[1].name else None
-    hi = model.constant_value(node.inputs[2]) if len(node.inputs) > 2 and node.inputs[2].name else None
-    if (len(node.inputs) > 1 and node.inputs[1].name and lo is None) or (
-            len(node.inputs) > 2 and node.inputs[2].name and hi is None):
-        return None
-    lo_v = float(lo) if lo is not None else float(node.attrs.get("min", -np.inf))
-    hi_v = float(hi) if hi is not None else float(node.attrs.get("max", np.inf))
-    return lo_v, hi_v
-
-
 def absorbed_output(model: Model, node):
     """The tensor to quantize after a layer: the output of a lone following Relu/Clip(0, b)."""
     out = node.outputs[0]
     consumers = model.consumers(out)
     if len(consumers) == 1 and not model.is_graph_output(out) and consumers[0].op in ABSORBED_ACTIVATIONS:
-        bounds = _clip_bounds(model, consumers[0])
+        bounds = model.clip_bounds(consumers[0])
         if bounds is not None and bounds[0] == 0.0 and model.is_float(consumers[0].outputs[0]):
             return consumers[0].outputs[0]
     return out

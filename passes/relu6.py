@@ -11,6 +11,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numpy as np
+
 from qonnx.ir import Model
 from qonnx.pipeline import Pass, PassResult, option, register
 
@@ -20,27 +22,6 @@ LAYER_OPS = frozenset({"Conv", "Gemm"})
 @dataclass(frozen=True)
 class Relu6Options:
     upper: float | None = option(6.0, "replace only Clip(0, upper); none: any upper bound")
-
-
-def _bound(model: Model, clip, index: int, attr: str) -> float | None | bool:
-    """The Clip's min (index 1) or max (index 2): a float, None when absent, False when not constant."""
-    if len(clip.inputs) > index and clip.inputs[index].name:
-        value = model.constant_value(clip.inputs[index])
-        if value is None or value.size != 1:
-            return False
-        return float(value.reshape(-1)[0])
-    if attr in clip.attrs:  # opset < 11
-        return float(clip.attrs[attr])
-    return None
-
-
-def clip_bounds(model: Model, clip) -> tuple[float | None, float | None] | None:
-    """(min, max) of a Clip with constant bounds (None for an absent bound), else None."""
-    lo = _bound(model, clip, 1, "min")
-    hi = _bound(model, clip, 2, "max")
-    if lo is False or hi is False:
-        return None
-    return lo, hi  # type: ignore[return-value]
 
 
 def replace_relu6(model: Model, upper: float | None = 6.0) -> list[str]:
@@ -53,13 +34,13 @@ def replace_relu6(model: Model, upper: float | None = 6.0) -> list[str]:
             continue
         if not model.is_float(x) and model.dtype_of(x) is not None:
             continue
-        bounds = clip_bounds(model, clip)
+        bounds = model.clip_bounds(clip)
         if bounds is None:
             continue
         lo, hi = bounds
-        if lo is None or lo != 0.0:  # only min == 0 exactly: Relu is then the same below the top
+        if lo != 0.0:  # only min == 0 exactly: Relu is then the same below the top
             continue
-        if upper is not None and hi is not None and hi != upper:
+        if upper is not None and np.isfinite(hi) and hi != upper:  # no max at all is a Relu too
             continue
         clip.op = "Relu"
         clip.attrs = {}

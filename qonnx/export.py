@@ -95,9 +95,7 @@ def _absorb_activation(m: Model, tensor, entry: TensorQuant) -> None:
         return
     if len(m.consumers(src)) != 1 or m.is_graph_output(src) or m.used_in_subgraph(tensor):
         return
-    from passes.plan import _clip_bounds
-
-    bounds = _clip_bounds(m, node)
+    bounds = m.clip_bounds(node)
     if bounds is None or np.ndim(entry.scale) != 0:
         return
     s, zp = float(entry.scale), int(entry.zero_point)

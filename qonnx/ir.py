@@ -187,6 +187,21 @@ class Model:
                 return int(dims[0])
         return None
 
+    def clip_bounds(self, node: gs.Node) -> tuple[float, float] | None:
+        """(min, max) a Relu or Clip enforces (+-inf where a bound is absent); None if a bound is not constant."""
+        if node.op == "Relu":
+            return 0.0, float("inf")
+        bounds = []
+        for index, attr, absent in ((1, "min", -np.inf), (2, "max", np.inf)):
+            if len(node.inputs) > index and node.inputs[index].name:
+                value = self.constant_value(node.inputs[index])
+                if value is None or value.size != 1:
+                    return None
+                bounds.append(float(value.reshape(-1)[0]))
+            else:  # opset < 11 keeps the bounds as attributes
+                bounds.append(float(node.attrs.get(attr, absent)))
+        return bounds[0], bounds[1]
+
     def is_graph_output(self, tensor: gs.Tensor) -> bool:
         return any(t.name == tensor.name for t in self.graph.outputs)
 
