@@ -5,6 +5,7 @@ from passes import (  # noqa: F401
     calibrate,
     canonicalize,
     cle,
+    estimate_ranges,
     fold_bn,
     keep_fast,
     plan,

@@ -5,6 +5,10 @@ The quantized layer computes W~ x instead of W x; its expected output is off by
 integer layer unbiased (Nagel et al. 2019, algorithms.md §3.1). E[x] is the
 per-channel mean of the layer's input over the calibration data, so the
 correction costs one streamed pass and O(channels) memory.
+
+`mode=analytic` needs no data (DFQ): E[x] comes from the per-channel Gaussian
+moments that estimate-ranges carries from the folded BatchNorm statistics
+through ReLU / clipped-ReLU expectations (qonnx/moments.py).
 """
 
 from __future__ import annotations
@@ -16,6 +20,7 @@ import numpy as np
 from passes.calibrate import MEANS_ANALYSIS, collect_activation_stats, set_bias_params
 from qonnx.export import quantized_weight_codes
 from qonnx.ir import Model
+from qonnx.layers import channel_response, input_channels
 from qonnx.pipeline import Pass, PassResult, option, register
 from qonnx.quant import dequantize
 
@@ -32,23 +37,11 @@ def channel_means(model: Model, names: list[str], ctx, batch_size: int = 8, samp
     return ctx.analyses[MEANS_ANALYSIS][1]
 
 
-def output_shift(node, error: np.ndarray, mean: np.ndarray) -> np.ndarray | None:
-    """(W~ - W) E[x] for the layer's weight error `error`, per output channel."""
-    if node.op == "Conv":
-        groups = int(node.attrs.get("group", 1))
-        summed = error.reshape(error.shape[0], error.shape[1], -1).sum(axis=2)  # [O, C/g]
-        out_per_group, in_per_group = summed.shape[0] // groups, summed.shape[1]
-        if mean.shape[0] != in_per_group * groups:
-            return None
-        grouped_mean = mean.reshape(groups, in_per_group)[np.arange(summed.shape[0]) // out_per_group]
-        return np.sum(summed * grouped_mean, axis=1)
-    if node.op == "Gemm":
-        return error @ mean if int(node.attrs.get("transB", 0)) else mean @ error
-    return None
-
-
 @dataclass(frozen=True)
 class BiasCorrectionOptions:
+    mode: str = option("empirical", "empirical: input means measured on calibration data; analytic: "
+                                    "expected from BatchNorm statistics (data-free)",
+                       choices=("empirical", "analytic"))
     samples: int = option(0, "calibration samples used for the input means (0 = all)")
     batch_size: int = option(8, "samples per ORT run")
 
@@ -64,19 +57,41 @@ class BiasCorrection(Pass):
                                   "redundant (run it before rounding or not at all)"}
     exact = False
 
+    def __init__(self, options=None):
+        super().__init__(options)
+        if self.options.mode == "analytic":
+            self.requires = frozenset({"calibrated"})
+
+    def _means(self, model: Model, ctx, names: list[str]) -> dict[str, np.ndarray]:
+        if self.options.mode == "empirical":
+            return channel_means(model, names, ctx, self.options.batch_size, self.options.samples)
+        from passes.estimate_ranges import MOMENTS_ANALYSIS, EstimateRanges, moments_for
+
+        cached = ctx.analyses.get(MOMENTS_ANALYSIS)
+        if cached is not None:
+            moments = cached[1]
+        else:  # ranges came from data: carry moments from the BN statistics with the default input range
+            defaults = EstimateRanges.Options()
+            moments = moments_for(model, ctx, tuple(defaults.input_range), defaults.width)
+        return {n: moments[n].mean for n in names if n in moments}
+
     def run(self, model: Model, ctx) -> PassResult:
         table, tensors = model.quant, model.tensors()
         layers = [layer for layer in table.layers.values() if layer.bias and layer.weight]
         nodes = {n.name: n for n in model.nodes}
-        means = channel_means(model, sorted({layer.input for layer in layers}), ctx,
-                              self.options.batch_size, self.options.samples)
+        means = self._means(model, ctx, sorted({layer.input for layer in layers}))
         corrected, largest = 0, 0.0
         for layer in layers:
             w_entry = table.get(layer.weight)
             w = model.constant_value(tensors[layer.weight])
             codes = quantized_weight_codes(w_entry, w)  # rounded codes (AdaRound) or nearest rounding
             approx = dequantize(codes, w_entry.scale, w_entry.zero_point, w_entry.scheme.axis)
-            shift = output_shift(nodes[layer.node], (approx.astype(np.float64) - w), means[layer.input])
+            mean = means.get(layer.input)
+            if mean is None:
+                continue
+            if mean.size == 1:
+                mean = np.full(input_channels(nodes[layer.node], w), float(mean[0]))
+            shift = channel_response(nodes[layer.node], (approx.astype(np.float64) - w), mean)
             if shift is None:
                 continue
             bias_t, b_entry = tensors[layer.bias], table.get(layer.bias)
@@ -89,4 +104,5 @@ class BiasCorrection(Pass):
             corrected += 1
             largest = max(largest, float(np.max(np.abs(shift))))
         set_bias_params(model)
-        return PassResult(model, corrected > 0, {"layers_corrected": corrected, "largest_shift": largest})
+        return PassResult(model, corrected > 0, {"layers_corrected": corrected, "largest_shift": largest,
+                                                 "mode": self.options.mode})

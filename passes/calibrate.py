@@ -112,6 +112,18 @@ def _guard_bias(bias: np.ndarray, s_x: float, s_w: np.ndarray) -> tuple[np.ndarr
     return np.where(grow, need, s_w).astype(np.float32), int(np.count_nonzero(grow))
 
 
+def calibrate_weights(model: Model, method: str, range_opts: RangeOptions | None = None) -> None:
+    """Weight ranges (data independent); weights already rounded (AdaRound) keep their scales."""
+    tensors = model.tensors()
+    for name, entry in model.quant.of_role(Role.WEIGHT).items():
+        if entry.state is QuantState.ROUNDED:
+            continue
+        rmin, rmax = weight_range(model.constant_value(tensors[name]), entry.scheme, method,
+                                  range_opts or RangeOptions())
+        entry.scale, entry.zero_point = scale_zero_point(rmin, rmax, entry.scheme)
+        entry.method, entry.state = method, QuantState.CALIBRATED
+
+
 def set_bias_params(model: Model) -> int:
     """int32 bias parameters (scale s_x * s_w, zero point 0); returns how many weight scales grew.
 
@@ -172,12 +184,7 @@ class Calibrate(Pass):
                 else:
                     entry.scale, entry.zero_point = src.scale, src.zero_point
                 entry.method, entry.state = methods[root], QuantState.CALIBRATED
-        for name, entry in table.of_role(Role.WEIGHT).items():
-            if entry.state is QuantState.ROUNDED:
-                continue
-            rmin, rmax = weight_range(model.constant_value(tensors[name]), entry.scheme, opts.weights, range_opts)
-            entry.scale, entry.zero_point = scale_zero_point(rmin, rmax, entry.scheme)
-            entry.method, entry.state = opts.weights, QuantState.CALIBRATED
+        calibrate_weights(model, opts.weights, range_opts)
         grown = set_bias_params(model)
         return PassResult(model, True, {"activations": len(acts), "tensors_observed": len(roots),
                                         "samples": len(ctx.calibration) if not opts.samples else opts.samples,

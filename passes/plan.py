@@ -140,6 +140,18 @@ class _Planner:
             self.activation(t)
         self.activation(node.outputs[0])
 
+    def bounded(self, node) -> None:
+        """Min(x, b >= 0) after a quantized tensor (CLE's per-channel ReLU6 bound): x takes the output's
+        parameters, so the saturating quantizer of x already clips at the largest bound."""
+        m = self.model
+        x, bound = node.inputs[0], m.constant_value(node.inputs[1]) if len(node.inputs) == 2 else None
+        if bound is None or np.any(bound < 0) or x.name not in self.quantizable or not m.is_float(x):
+            return
+        out = node.outputs[0]
+        self.activation(x)
+        self.activation(out)
+        self.table.get(x.name).tied_to = out.name
+
     def same_params(self, node) -> None:
         m = self.model
         data = node.inputs[0]
@@ -167,6 +179,8 @@ class _Planner:
                 self.requant(node)
             elif node.op in SAME_PARAMS_OPS:
                 self.same_params(node)
+            elif node.op == "Min":
+                self.bounded(node)
             elif node.op in ABSORBED_ACTIVATIONS and node.inputs[0].name in self.quantizable:
                 self.quantizable.add(node.outputs[0].name)
         # A quantized data-movement output shares its source's parameters, and every

@@ -43,21 +43,27 @@ def main() -> None:
 @click.option("--preprocess", help="Image folder preprocessing, e.g. 'resize=256,crop=224,mean=127,std=128'.")
 @click.option("--preset", help="A named pipeline (see `qonnx passes`); default w8a8.")
 @click.option("--passes", "passes_text", help="A pipeline text, e.g. 'canonicalize,fold-bn,plan,calibrate{method=mse}'.")
+@click.option("--data-free", is_flag=True, help="Quantize with no calibration data (preset dfq; ranges from "
+              "BatchNorm statistics). Set the input range with --passes '...estimate-ranges{input_range=[lo;hi]}'.")
 @click.option("--format", "fmt", type=click.Choice(["qdq"]), default="qdq", show_default=True)
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--holdout", type=int, default=None, help="Calibration samples held out for the fidelity check.")
 @click.option("--json", "json_out", type=click.Path(dir_okay=False, path_type=Path), help="Also write the report as JSON.")
 @click.option("-v", "--verbose", count=True, help="-v for pass logs, -vv for debug.")
 def optimize(model: Path, output: Path, calib_data: Path | None, preprocess: str | None, preset: str | None,
-             passes_text: str | None, fmt: str, seed: int, holdout: int | None, json_out: Path | None,
-             verbose: int) -> None:
+             passes_text: str | None, data_free: bool, fmt: str, seed: int, holdout: int | None,
+             json_out: Path | None, verbose: int) -> None:
     """Quantize MODEL and write the result to -o."""
     _setup_logging(verbose)
     from qonnx.api import quantize_file
+    from qonnx.errors import InputError
     from qonnx.pipeline import resolve
 
     try:
-        pipeline = resolve(preset, passes_text)
+        if data_free and (calib_data is not None or preset):
+            raise InputError("--data-free uses no calibration data and its own preset (dfq): "
+                             "drop --calib-data/--preset, or use --preset without --data-free")
+        pipeline = resolve("dfq" if data_free and not passes_text else preset, passes_text)
         result = quantize_file(model, output, calib_data, pipeline=pipeline, seed=seed, holdout=holdout,
                                preprocess=preprocess, progress=sys.stderr.isatty(),
                                reproducer_dir=output.parent / (output.name + ".reproducer"))

@@ -101,6 +101,20 @@ PRESETS: dict[str, tuple[str, str]] = {
         "canonicalize,fold-bn,plan,calibrate{method=minmax},bias-correction",
         "INT8 with plain min/max activation ranges (fastest calibration)",
     ),
+    "w8a8-pertensor": (
+        "canonicalize,fold-bn,cle,smooth,plan{per_channel=false},calibrate,protect,bias-correction",
+        "INT8 with one weight scale per tensor (accelerators without per-channel support): cross-layer "
+        "equalization and bias correction recover what per-tensor rounding loses",
+    ),
+    "dfq": (
+        "canonicalize,fold-bn,plan,estimate-ranges,bias-correction{mode=analytic}",
+        "data-free INT8 (no calibration data): activation ranges and bias correction from BatchNorm "
+        "statistics carried through the graph",
+    ),
+    "dfq-pertensor": (
+        "canonicalize,fold-bn,cle,plan{per_channel=false},estimate-ranges,bias-correction{mode=analytic}",
+        "data-free INT8 with per-tensor weights: DFQ's recipe (CLE, BN-statistics ranges, analytic bias correction)",
+    ),
     "w8a8-static": (
         "canonicalize,fold-bn,smooth,plan,calibrate,protect,bias-correction",
         "w8a8 without the latency measurement: output independent of machine timings",

@@ -18,6 +18,7 @@ from conftest import (
     run_ort,
     sqnr,
 )
+from onnx import numpy_helper
 
 import qonnx
 from passes.cle import find_chains, in_ranges, out_ranges
@@ -172,10 +173,42 @@ def test_structure(builder, pairs, triplets):
 
 def test_mobilenet_block_after_relu6_to_relu_is_one_triplet():
     model = import_proto(depthwise_block())
-    assert cle(model.copy()).modified is False  # Clip(0, 6) is not homogeneous: no chain
+    assert cle(model.copy(), clips="stop").modified is False  # Clip(0, 6) is not homogeneous: no chain
     registry()["relu6-to-relu"]().run(model, PassContext())
-    result = cle(model)
+    result = cle(model, clips="stop")
     assert result.modified is True and result.stats["triplets"] == 1
+
+
+def clipping_depthwise_block():
+    """depthwise_block with a first layer large enough that Clip(0, 6) is active on many values."""
+    proto = depthwise_block()
+    for init in proto.graph.initializer:
+        if init.name == "w1":
+            init.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(init) * 25, "w1"))
+    return proto
+
+
+def test_relu6_is_scaled_through_exactly_with_per_channel_bounds():
+    original = clipping_depthwise_block()
+    feed = feed_for(original, seed=11, batch=2)
+    inits = {i.name: numpy_helper.to_array(i) for i in original.graph.initializer}
+    pre = np.einsum("oc,nchw->nohw", inits["w1"][:, :, 0, 0], feed["x"]) + inits["b1"].reshape(1, -1, 1, 1)
+    assert np.mean(pre > 6) > 0.05  # the clip matters in this model
+    result = cle(import_proto(original))
+    assert result.modified is True and result.stats["triplets"] == 1
+    assert result.stats["clips_rescaled"] == 2
+    ops = op_counts(result.model)
+    assert ops.get("Clip", 0) == 0 and ops["Relu"] == 2 and ops["Min"] == 2
+    assert_same_outputs(original, result.model)
+    bounds = [result.model.constant_value(n.inputs[1]) for n in result.model.nodes if n.op == "Min"]
+    assert all(b.shape == (1, 8, 1, 1) and np.all(b > 0) and np.ptp(b) > 0 for b in bounds)
+
+
+def test_exact_clip_mode_is_idempotent():
+    model = import_proto(clipping_depthwise_block())
+    cle(model)
+    again = cle(model)
+    assert again.modified is False
 
 
 # --------------------------------------------------------------------------- numerics
@@ -456,3 +489,17 @@ def test_option_round_trip():
     pipe = Pipeline.parse("cle{iterations=5,tolerance=1e-06}")
     assert pipe.passes[0].options.iterations == 5 and pipe.passes[0].options.tolerance == 1e-6
     assert str(Pipeline.parse(str(pipe))) == str(pipe)
+
+
+def test_quantized_per_channel_bounds_share_parameters_and_stay_close():
+    """After exact CLE through ReLU6 the Relu output takes the Min output's parameters, and the
+    per-tensor W8A8 model of the equalized graph follows the float model."""
+    original = clipping_depthwise_block()
+    samples = make_samples(original, 32, seed=5)
+    result = qonnx.optimize(original, samples, pipeline="cle,plan{per_channel=false},calibrate", holdout=8)
+    table = result.ir.quant
+    for node in (n for n in result.ir.nodes if n.op == "Min"):
+        relu_out, min_out = node.inputs[0].name, node.outputs[0].name
+        assert table.get(relu_out).tied_to == min_out
+        assert np.array_equal(table.get(relu_out).scale, table.get(min_out).scale)
+    assert result.fidelity["sqnr_db"] > 25, result.fidelity

@@ -105,6 +105,20 @@ def test_optimize_with_preset_or_passes(work, args, pipeline):
     assert meta["qonnx.pipeline"] == Pipeline.parse(pipeline).canonical()
 
 
+def test_optimize_data_free_needs_no_calibration_data(work):
+    result = invoke(["optimize", "m.onnx", "-o", "out.onnx", "--data-free"], work)
+    assert result.exit_code == 0, result.output
+    assert f"pipeline: {PRESETS['dfq'][0]}" in result.stdout
+    assert "quantized layers: 2" in result.stdout
+    assert "fidelity on held-out samples" not in result.stdout  # nothing to measure it on
+
+
+def test_optimize_data_free_with_calibration_data_is_refused(work):
+    result = invoke(["optimize", "m.onnx", "-o", "out.onnx", "--data-free", "--calib-data", "c.npz"], work)
+    assert result.exit_code != 0
+    assert "--data-free" in result.output and not (work / "out.onnx").exists()
+
+
 def test_optimize_json_report_and_seed(work):
     result = invoke(["optimize", "m.onnx", "-o", "out.onnx", "--calib-data", "c.npz", "--seed", "7",
                      "--json", "report.json"], work)

@@ -1,0 +1,101 @@
+"""estimate-ranges: activation ranges with no calibration data (DFQ's data-free mode).
+
+Per-channel Gaussian moments are carried through the float graph from the
+folded BatchNorm statistics and an assumed input range (qonnx/moments.py); each
+quantized activation gets the range mean +- `width` standard deviations over its
+channels, cut to hard bounds (clips, sigmoids). Layers whose input cannot be
+estimated (an op the propagation does not know) stay float, with the reason.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from dataclasses import dataclass
+
+from passes.calibrate import calibrate_weights, set_bias_params
+from passes.plan import Plan
+from qonnx.errors import PreconditionError
+from qonnx.ir import Model
+from qonnx.moments import Moments, propagate_moments
+from qonnx.pipeline import Pass, PassResult, option, register
+from qonnx.qtable import QuantState, Role
+from qonnx.quant import scale_zero_point
+from qonnx.ranges import WEIGHT_METHODS
+
+log = logging.getLogger(__name__)
+MOMENTS_ANALYSIS = "moments"
+
+
+@dataclass(frozen=True)
+class EstimateRangesOptions:
+    input_range: tuple[float, ...] = option(
+        (-1.0, 1.0), "range of the model's float inputs, 'low;high' (images normalized to [-1, 1] by default)")
+    width: float = option(
+        8.0, "activation range = channel mean +- width standard deviations (wide: the independence "
+             "assumption underestimates the spread of deep layers without BatchNorm about twofold)")
+    weights: str = option("minmax", "weight range method (per channel)", choices=WEIGHT_METHODS)
+
+
+def moments_for(model: Model, ctx, input_range: tuple[float, float], width: float) -> dict[str, Moments]:
+    """The propagated moments, cached in the context for analytic bias correction."""
+    key = (tuple(input_range), width)
+    cached = ctx.analyses.get(MOMENTS_ANALYSIS)
+    if cached is not None and cached[0] == key:
+        return cached[1]
+    moments = propagate_moments(model, input_range, width)
+    ctx.analyses[MOMENTS_ANALYSIS] = (key, moments)
+    return moments
+
+
+def _unknown_layers(model: Model, moments: dict[str, Moments]) -> dict[str, str]:
+    """Layers that read or write a quantized tensor with no estimate, with the reason."""
+    table, reasons = model.quant, {}
+    missing = {n for n in table.of_role(Role.ACTIVATION) if table.root(n) not in moments}
+    for layer in table.layers.values():
+        for name in (layer.input, layer.output):
+            if name in missing:
+                reasons[layer.node] = f"no data-free range estimate for '{name}'"
+    return reasons
+
+
+@register
+class EstimateRanges(Pass):
+    name = "estimate-ranges"
+    summary = "data-free activation ranges from BatchNorm statistics carried through the graph"
+    Options = EstimateRangesOptions
+    requires = frozenset({"plan"})
+    provides = frozenset({"calibrated"})
+    forbidden_after = {"rounded": "weights are already rounded (AdaRound): set ranges before rounding"}
+    exact = True
+    edits_graph = False
+
+    def run(self, model: Model, ctx) -> PassResult:
+        opts = self.options
+        if len(opts.input_range) != 2 or not opts.input_range[0] < opts.input_range[1]:
+            raise PreconditionError(f"estimate-ranges: input_range must be 'low;high' with low < high, "
+                                    f"got {opts.input_range}")
+        moments = moments_for(model, ctx, (float(opts.input_range[0]), float(opts.input_range[1])), opts.width)
+        table = model.quant
+        kept = _unknown_layers(model, moments)
+        if kept:  # plan again without them, keeping the user's exclusions and reasons
+            previous = dict(table.kept_float)
+            base = table.plan_options if table.plan_options is not None else Plan.Options()
+            Plan(dataclasses.replace(base, exclude=tuple(sorted(set(base.exclude) | set(kept))))).run(model, ctx)
+            table.kept_float.update(previous)
+            table.kept_float.update(kept)
+            log.info("estimate-ranges: %d layers stay float (no estimate for their tensors)", len(kept))
+        unknown = 0
+        for name, entry in table.of_role(Role.ACTIVATION).items():
+            est = moments.get(table.root(name))
+            if est is None:  # requantized op outside any layer: leave it float by removing the entry
+                unknown += 1
+                continue
+            entry.scale, entry.zero_point = scale_zero_point(est.low, est.high, entry.scheme)
+            entry.method, entry.state = "moments", QuantState.CALIBRATED
+        for name in [n for n, e in table.of_role(Role.ACTIVATION).items() if e.state is not QuantState.CALIBRATED]:
+            del table.tensors[name]
+        calibrate_weights(model, opts.weights)
+        set_bias_params(model)
+        return PassResult(model, True, {"activations": len(table.of_role(Role.ACTIVATION)),
+                                        "layers_kept_float": len(kept), "activations_without_estimate": unknown})

@@ -1,0 +1,185 @@
+"""Data-free quantization: Gaussian moments, estimate-ranges, analytic bias correction, the dfq preset."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from conftest import build_model, conv_bn_relu_conv, depthwise_block, import_proto, randn, rng
+
+import qonnx
+from qonnx.errors import PreconditionError
+from qonnx.manager import PassContext
+from qonnx.moments import clipped_gaussian_moments, gaussian_expectation, propagate_moments
+from qonnx.pipeline import Pipeline
+from qonnx.qtable import QuantState, Role
+
+
+# --------------------------------------------------------------------------- analytic expectations
+@pytest.mark.parametrize("mean,std,low,high", [
+    (0.3, 1.0, 0.0, np.inf),  # ReLU
+    (-1.5, 0.7, 0.0, np.inf),  # mostly-off ReLU
+    (2.0, 3.0, 0.0, 6.0),  # ReLU6
+    (5.5, 1.2, 0.0, 6.0),  # ReLU6 near the top
+    (0.0, 2.0, -1.0, 1.0),
+])
+def test_clipped_gaussian_moments_match_monte_carlo(mean, std, low, high):
+    z = np.random.default_rng(0).normal(mean, std, 4_000_000)
+    x = np.clip(z, low, high)
+    m, v = clipped_gaussian_moments(np.array([mean]), np.array([std]), low, high)
+    assert abs(m[0] - x.mean()) <= 1e-3 * max(1.0, abs(x.mean()))
+    assert abs(v[0] - x.var()) <= 1e-3 * max(1.0, x.var())
+
+
+def test_negative_gamma_is_used_as_its_magnitude_and_zero_std_is_a_point_mass():
+    pos = clipped_gaussian_moments(np.array([0.5]), np.array([2.0]), 0.0, 6.0)
+    neg = clipped_gaussian_moments(np.array([0.5]), np.array([-2.0]), 0.0, 6.0)
+    assert np.allclose(pos, neg)
+    m, v = clipped_gaussian_moments(np.array([7.0, -1.0]), np.array([0.0, 0.0]), 0.0, 6.0)
+    assert np.allclose(m, [6.0, 0.0]) and np.allclose(v, 0.0)
+
+
+@pytest.mark.parametrize("fn", [np.tanh, lambda x: x * np.clip(x / 6 + 0.5, 0, 1)], ids=["tanh", "hardswish"])
+def test_quadrature_of_other_activations_matches_numerical_integration(fn):
+    from scipy.integrate import quad
+
+    mu, sd = 0.4, 1.5
+    density = lambda z: np.exp(-0.5 * ((z - mu) / sd) ** 2) / (sd * np.sqrt(2 * np.pi))  # noqa: E731
+    first = quad(lambda z: fn(z) * density(z), -np.inf, np.inf, points=None, limit=200)[0]
+    second = quad(lambda z: fn(z) ** 2 * density(z), -np.inf, np.inf, limit=200)[0]
+    m, v = gaussian_expectation(fn, np.array([mu]), np.array([sd]))
+    assert abs(m[0] - first) < 1e-5 and abs(v[0] - (second - first ** 2)) < 1e-5
+
+
+# --------------------------------------------------------------------------- propagation
+def test_folded_bn_statistics_set_the_layer_output_moments():
+    model = import_proto(conv_bn_relu_conv())
+    Pipeline.parse("fold-bn").passes[0].run(model, PassContext())
+    norm = model.folded_norms["n1"]
+    moments = propagate_moments(model, (-1.0, 1.0))
+    assert np.allclose(moments["n1"].mean, norm.beta) and np.allclose(moments["n1"].var, norm.gamma ** 2)
+    relu_mean, _ = clipped_gaussian_moments(norm.beta, norm.gamma, 0.0, np.inf)
+    assert np.allclose(moments["r1"].mean, relu_mean)
+    assert moments["r1"].low == 0.0 and "y" in moments
+
+
+def test_linear_layer_moments_follow_from_independent_inputs():
+    """A 1x1 conv of independent uniform inputs: exact mean and variance."""
+    g = rng(3)
+    w, b = randn(g, 5, 4, 1, 1), randn(g, 5)
+    model = import_proto(build_model("""
+    agraph (float[N,4,6,6] x) => (float[N,5,6,6] y) {
+        y = Conv (x, w, b)
+    }""", {"w": w, "b": b}))
+    moments = propagate_moments(model, (0.0, 2.0))
+    x = np.random.default_rng(4).uniform(0, 2, size=(200_000, 4))
+    y = x @ w[:, :, 0, 0].T + b
+    assert np.allclose(moments["y"].mean, y.mean(0), atol=5e-3)
+    assert np.allclose(moments["y"].var, y.var(0), rtol=2e-2)
+
+
+def test_unknown_ops_leave_tensors_unknown():
+    model = import_proto(build_model("""
+    agraph (float[N,4] x) => (float[N,4] y) {
+        s = Softmax (x)
+        y = Relu (s)
+    }"""))
+    moments = propagate_moments(model, (-1.0, 1.0))
+    assert "x" in moments and "s" not in moments and "y" not in moments
+
+
+# --------------------------------------------------------------------------- passes
+def test_estimate_ranges_calibrates_every_tensor_without_data():
+    model = import_proto(conv_bn_relu_conv())
+    ctx = PassContext()
+    for p in Pipeline.parse("fold-bn,plan,estimate-ranges"):
+        result = p.run(model, ctx)
+    table = model.quant
+    assert table.layers and all(e.state is QuantState.CALIBRATED for e in table.tensors.values())
+    relu = table.get("r1")
+    assert relu.zero_point == 0  # the range starts at the ReLU's 0
+    assert result.stats["layers_kept_float"] == 0
+
+
+def test_estimate_ranges_keeps_layers_with_unknown_inputs_float():
+    g = rng(5)
+    model = import_proto(build_model("""
+    agraph (float[N,4] x) => (float[N,3] y) {
+        s = Softmax (x)
+        y = Gemm <transB = 1> (s, w, b)
+    }""", {"w": randn(g, 3, 4), "b": randn(g, 3)}))
+    ctx = PassContext()
+    for p in Pipeline.parse("plan,estimate-ranges"):
+        result = p.run(model, ctx)
+    assert result.stats["layers_kept_float"] == 1
+    assert "no data-free range estimate" in next(iter(model.quant.kept_float.values()))
+    assert not model.quant.layers
+
+
+def test_estimate_ranges_rejects_a_bad_input_range():
+    with pytest.raises(PreconditionError, match="input_range"):
+        model = import_proto(conv_bn_relu_conv())
+        ctx = PassContext()
+        for p in Pipeline.parse("plan,estimate-ranges{input_range=[1.0;-1.0]}"):
+            p.run(model, ctx)
+
+
+def bn_matched_to_data(samples: dict[str, np.ndarray]):
+    """conv_bn_relu_conv whose BN running statistics are those of its conv output on `samples`
+    (what a trained network's BN holds), so that data-free estimates have something true to find."""
+    from onnx import numpy_helper
+
+    proto = conv_bn_relu_conv()
+    inits = {i.name: numpy_helper.to_array(i) for i in proto.graph.initializer}
+    from qonnx.ort import make_session, with_outputs
+
+    session = make_session(with_outputs(proto, ["c1"]).SerializeToString())
+    conv = np.concatenate([session.run(["c1"], {"x": x[None]})[0] for x in samples["x"]])
+    stats = {"bn_m": conv.mean(axis=(0, 2, 3)), "bn_v": conv.var(axis=(0, 2, 3))}
+    for init in proto.graph.initializer:
+        if init.name in stats:
+            init.CopyFrom(numpy_helper.from_array(stats[init.name].astype(np.float32), init.name))
+    assert inits["bn_m"].shape == stats["bn_m"].shape
+    return proto
+
+
+def test_dfq_runs_without_calibration_data_and_stays_close_to_float():
+    samples = {"x": np.random.default_rng(9).uniform(-1, 1, (32, 3, 8, 8)).astype(np.float32)}
+    original = bn_matched_to_data(samples)
+    result = qonnx.optimize(original, None, pipeline="dfq")
+    assert "calibrate" not in [p.name for p in result.pipeline]
+    sqnr = qonnx.api.evaluate_fidelity(original.SerializeToString(), result.to_bytes(),
+                                       qonnx.calibration.open_calibration(samples, import_proto(original)))
+    assert sqnr["sqnr_db"] > 20, sqnr
+
+
+def test_analytic_bias_correction_moves_the_bias_by_the_expected_shift_and_is_idempotent():
+    model = import_proto(conv_bn_relu_conv())
+    ctx = PassContext()
+    for p in Pipeline.parse("fold-bn,plan{per_channel=false},estimate-ranges"):
+        p.run(model, ctx)
+    bias_name = model.quant.layers[next(n for n in model.quant.layers if model.quant.layers[n].input == "r1")].bias
+    before = model.constant_value(model.tensors()[bias_name]).copy()
+    bc = Pipeline.parse("bias-correction{mode=analytic}").passes[0]
+    first = bc.run(model, ctx)
+    assert first.modified and first.stats["mode"] == "analytic"
+    shift = model.quant.get(bias_name).correction
+    assert np.allclose(model.constant_value(model.tensors()[bias_name]), before - shift, atol=1e-6)
+    assert bc.run(model, ctx).modified is False
+
+
+def test_analytic_bias_correction_needs_no_data_but_empirical_does():
+    Pipeline.parse("plan,estimate-ranges,bias-correction{mode=analytic}").validate(frozenset())
+    with pytest.raises(PreconditionError, match="calibration-data"):
+        Pipeline.parse("plan,estimate-ranges,bias-correction").validate(frozenset())
+
+
+def test_dfq_is_deterministic():
+    a = qonnx.optimize(depthwise_block(), None, pipeline="dfq").to_bytes()
+    b = qonnx.optimize(depthwise_block(), None, pipeline="dfq").to_bytes()
+    assert a == b
+
+
+def test_roles_after_dfq_have_parameters():
+    result = qonnx.optimize(depthwise_block(), None, pipeline="dfq")
+    for role in (Role.ACTIVATION, Role.WEIGHT, Role.BIAS):
+        assert all(e.calibrated for e in result.ir.quant.of_role(role).values())
