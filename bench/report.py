@@ -11,7 +11,16 @@ ROW_NAMES = {
     "ort-default": "ORT default",
     "ort-dynamic": "ORT dynamic (reference)",
     "qonnx-w8a8": "qonnx w8a8",
+    "qonnx-pertensor-plain": "qonnx per-tensor weights, no CLE/BC",
+    "qonnx-w8a8-pertensor": "qonnx w8a8-pertensor",
+    "qonnx-dfq": "qonnx dfq (no data)",
+    "qonnx-dfq-pertensor": "qonnx dfq-pertensor (no data)",
 }
+
+
+def _is_variant(row: dict[str, Any]) -> bool:
+    return row["label"].startswith("ort-pertensor-") or (row["label"] in ROW_NAMES and row["label"].startswith(
+        ("qonnx-pertensor", "qonnx-w8a8-pertensor", "qonnx-dfq")))
 
 
 def _num(v: float | None, digits: int = 4) -> str:
@@ -71,7 +80,8 @@ def task_section(res: dict[str, Any], threads: list[int]) -> list[str]:
     head = ["model", primary, "other metrics", "size MB"]
     head += [f"latency t{t} ms (×FP32, ×ORT-best)" for t in threads] + ["quant s", "peak MB"]
     lines += ["| " + " | ".join(head) + " |", "|" + "|".join("---" for _ in head) + "|"]
-    table = [r for r in res["rows"] if not r["label"].startswith("ort-best-") or r.get("is_ort_best")]
+    table = [r for r in res["rows"] if (not r["label"].startswith("ort-best-") or r.get("is_ort_best"))
+             and not _is_variant(r)]
     for row in table:
         if "error" in row:
             cells = [_row_name(row), f"failed: {_short(row['error'])}"] + ["–"] * (len(head) - 2)
@@ -80,8 +90,29 @@ def task_section(res: dict[str, Any], threads: list[int]) -> list[str]:
                      f"{row['size_mb']:.2f}", *(_latency_cell(row, t) for t in threads), *_quant_cells(row)]
         lines.append("| " + " | ".join(cells) + " |")
     lines.append("")
+    lines += _variant_table(res)
     lines += _task_notes(res)
     return lines
+
+
+def _variant_table(res: dict[str, Any]) -> list[str]:
+    """Further pipelines (per-tensor weights, data-free) scored on the task metric only."""
+    primary = res["primary_metric"]
+    rows = [r for r in res["rows"] if _is_variant(r)]
+    if not rows:
+        return []
+    lines = ["Per-tensor and data-free variants (metric only; same calibration and evaluation sets):", "",
+             f"| model | {primary} | other metrics | quant s |", "|---|---|---|---|"]
+    for row in rows:
+        name = ROW_NAMES.get(row["label"], row["label"])
+        if row["label"].startswith("ort-pertensor-"):
+            name = f"ORT per-tensor ({row['quant']['config'].get('calibrate_method', '?')})"
+        if "error" in row:
+            lines.append(f"| {name} | failed: {_short(row['error'])} | – | – |")
+            continue
+        lines.append(f"| {name} | {_num(row['metrics'].get(primary))} | {_secondary(row, primary)} | "
+                     f"{_quant_cells(row)[0]} |")
+    return lines + [""]
 
 
 def _task_notes(res: dict[str, Any]) -> list[str]:

@@ -35,6 +35,17 @@ import report  # noqa: E402
 from jobs import memory_cap_mb, run_job  # noqa: E402
 
 DEFAULT_TASKS = ("efficientnet_lite0", "ppocr_rec", "ppocr_cls", "minilm", "fmnist_cnn")
+# Further qonnx pipelines per task, scored on the task metric (no latency): label -> (pipeline, uses data).
+VARIANTS: dict[str, dict[str, tuple[str, bool]]] = {
+    "efficientnet_lite0": {
+        "qonnx-pertensor-plain": ("canonicalize,fold-bn,smooth,plan{per_channel=false},calibrate,protect", True),
+        "qonnx-w8a8-pertensor": ("w8a8-pertensor", True),
+        "qonnx-dfq": ("dfq", False),
+        "qonnx-dfq-pertensor": ("dfq-pertensor", False),
+    },
+    "ppocr_cls": {"qonnx-dfq": ("dfq", False)},
+}
+PER_TENSOR_ORT_TASKS = ("efficientnet_lite0",)  # ORT quantize_static with per_channel=False as well
 SCALING_TASK = "efficientnet_lite0"
 
 
@@ -173,6 +184,17 @@ def quantize_all(name: str, tdir: Path, out: Path, calib: Path, st: Settings, ca
         say("  ORT quantize_dynamic")
         jobs["ort-dynamic"] = ort_job("ort-dynamic", "ort-dynamic", out, original, pre, None, ob.DYNAMIC_CONFIG,
                                       samples, cap)
+    if name in PER_TENSOR_ORT_TASKS:
+        for method in ob.BEST_METHODS:
+            label = f"ort-pertensor-{method.lower()}"
+            say(f"  ORT per-tensor QDQ, {method}")
+            config = {**ob.best_config(method), "per_channel": False}
+            jobs[label] = ort_job("ort-static", label, out, original, pre, calib, config, samples, cap)
+    for label, (pipeline, uses_data) in VARIANTS.get(name, {}).items():
+        say(f"  qonnx {pipeline}")
+        jobs[label] = run_job("qonnx", label, out, model=tdir / "model.onnx", output=out / f"{label}.onnx",
+                              calib=calib if uses_data else None,
+                              config={"pipeline": pipeline, "seed": st.seed, "holdout": 0}, mem_cap_mb=cap)
     for label, tag in (("qonnx-w8a8", "first"), ("qonnx-w8a8.rerun", "determinism rerun")):
         say(f"  qonnx w8a8 ({tag})")
         jobs[label] = run_job("qonnx", label, out, model=tdir / "model.onnx", output=out / f"{label}.onnx",
@@ -242,6 +264,11 @@ def latency(rows: list[dict[str, Any]], tdir: Path, st: Settings) -> dict[str, A
 # ---------------------------------------------------------------------------------------------
 # One task
 # ---------------------------------------------------------------------------------------------
+def is_variant(label: str) -> bool:
+    """Rows scored on the metric only (the latency table compares the main rows)."""
+    return label.startswith("ort-pertensor-") or any(label in v for v in VARIANTS.values())
+
+
 def bench_task(tasks_mod: Any, name: str, out_root: Path, st: Settings, cap: float) -> dict[str, Any]:
     task = tasks_mod.TASKS[name]
     tdir = tasks_mod.task_dir(name)
@@ -284,7 +311,8 @@ def bench_task(tasks_mod: Any, name: str, out_root: Path, st: Settings, cap: flo
     if candidates:  # ties go to the first method in BEST_METHODS order
         max(candidates, key=lambda r: r["metrics"][task.primary_metric])["is_ort_best"] = True
     say(f"  latency at threads {st.threads}, {st.runs} interleaved runs")
-    table_rows = [r for r in rows if not r["label"].startswith("ort-best-") or r.get("is_ort_best")]
+    table_rows = [r for r in rows if (not r["label"].startswith("ort-best-") or r.get("is_ort_best"))
+                  and not is_variant(r["label"])]
     load = latency(table_rows, tdir, st)
     return {
         "task": name, "description": task.description, "primary_metric": task.primary_metric,

@@ -7,6 +7,7 @@ from passes import (  # noqa: F401
     cle,
     estimate_ranges,
     fold_bn,
+    high_bias,
     keep_fast,
     plan,
     protect,

@@ -162,6 +162,11 @@ def _next_layer(model: Model, first: Layer, layers: dict[str, Layer], subgraphs:
             if bounds is None or bounds[0] != 0.0 or not model.is_float(node.outputs[0]):
                 return None
             passed.append(node)
+        elif node.op == "Min" and clips is not None:  # a per-channel bound left by an earlier CLE
+            bound = model.constant_value(node.inputs[1]) if len(node.inputs) == 2 else None
+            if bound is None or np.any(bound < 0) or bound.size != first.channels_out:
+                return None
+            passed.append(node)
         elif node.op == "GlobalAveragePool" and first.kind != "gemm":
             reshaped = True  # a per-channel mean commutes with the scaling; only a Gemm may follow
         elif node.op in RESHAPES and first.kind != "gemm":
@@ -304,6 +309,10 @@ def _rescale_clip(model: Model, clip, layer: Layer, s: np.ndarray) -> bool:
     """Clip(0, b) after a layer whose output channel i is now divided by s_i: Relu + Min(b / s_i)."""
     if np.all(s == 1.0):
         return False
+    if clip.op == "Min":  # already per channel: the bound follows the scale
+        bound = model.constant_value(clip.inputs[1])
+        clip.inputs[1] = model.make_constant(clip.name + "_bound", (bound / s.reshape(bound.shape)).astype(bound.dtype))
+        return True
     _, upper = model.clip_bounds(clip)
     x, out = clip.inputs[0], clip.outputs[0]
     clip.op, clip.attrs, clip.inputs = "Relu", {}, [x]

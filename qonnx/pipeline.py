@@ -112,8 +112,10 @@ PRESETS: dict[str, tuple[str, str]] = {
         "statistics carried through the graph",
     ),
     "dfq-pertensor": (
-        "canonicalize,fold-bn,cle,plan{per_channel=false},estimate-ranges,bias-correction{mode=analytic}",
-        "data-free INT8 with per-tensor weights: DFQ's recipe (CLE, BN-statistics ranges, analytic bias correction)",
+        "canonicalize,fold-bn,cle,high-bias-absorption,plan{per_channel=false},estimate-ranges,"
+        "bias-correction{mode=analytic}",
+        "data-free INT8 with per-tensor weights: DFQ's recipe (CLE, high-bias absorption, BN-statistics ranges, "
+        "analytic bias correction)",
     ),
     "w8a8-static": (
         "canonicalize,fold-bn,smooth,plan,calibrate,protect,bias-correction",

@@ -205,10 +205,33 @@ def test_relu6_is_scaled_through_exactly_with_per_channel_bounds():
 
 
 def test_exact_clip_mode_is_idempotent():
-    model = import_proto(clipping_depthwise_block())
+    original = clipping_depthwise_block()
+    model = import_proto(original)
     cle(model)
     again = cle(model)
+    assert again.stats["triplets"] == 1  # the chain still passes the Relu + Min left behind
     assert again.modified is False
+    assert_same_outputs(original, model)
+
+
+def test_min_bounds_follow_a_later_rescaling_exactly():
+    """A model already holding per-channel Min bounds (e.g. equalized with a looser tolerance first)."""
+    original = clipping_depthwise_block()
+    model = import_proto(original)
+    cle(model)
+    # Unbalance channel 2 without changing the function: c1 and its Min bound x10, the depthwise row /10.
+    w1 = next(n for n in model.nodes if n.op == "Conv" and n.inputs[1].name == "w1")
+    first_min = model.consumers(model.consumers(w1.outputs[0])[0].outputs[0])[0]
+    wd = next(n for n in model.nodes if n.op == "Conv" and n.inputs[1].name == "wd")
+    for tensor, factor, index in ((w1.inputs[1], 10.0, 2), (w1.inputs[2], 10.0, 2),
+                                  (first_min.inputs[1], 10.0, (0, 2)), (wd.inputs[1], 0.1, 2)):
+        v = model.constant_value(tensor).copy()
+        v[index] *= factor
+        tensor.values = v
+    assert_same_outputs(original, model, rtol=1e-5)
+    result = cle(model)
+    assert result.modified is True and op_counts(result.model)["Min"] == 2
+    assert_same_outputs(original, result.model)
 
 
 # --------------------------------------------------------------------------- numerics
