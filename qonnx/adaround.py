@@ -1,0 +1,321 @@
+"""AdaRound (Nagel et al. 2020): learned rounding on the moment-form loss of qonnx/layer_moments.py.
+
+Soft quantization on a fixed grid (integer range [qmin, qmax], scale s > 0, zero point z):
+    h(V) = clip(sigmoid(V) (zeta - gamma) + gamma, 0, 1),   zeta = 1.1, gamma = -0.1
+    q(V) = clip(floor(W/s) + z + h(V), qmin, qmax),          W~ = s (q - z)
+V starts at V0 = -log((zeta - gamma) / (r - gamma) - 1) with r = frac(W/s), so h(V0) = r and W~(V0) = W.
+A weight whose floor(W/s) + z lies outside [qmin, qmax - 1] sits on the grid clip for every h in [0, 1]:
+its code is fixed, its gradient is zero and it is left out of the regularizer ("frozen").
+
+Objective L = L_rec + lambda * f_reg, f_reg = sum over the free weights of (1 - |2h - 1|^beta), lambda = 0.01;
+f_reg is off for the first 20% of the iterations (warm start), then beta decays by a cosine from 20 to 2.
+Adam (torch defaults) on V, with the chain rule
+    dL/dV = (s dL_rec/dW~ + lambda df_reg/dh) h'(V),   h'(V) = (zeta - gamma) sigmoid(V)(1 - sigmoid(V))
+where h' is taken as 0 when h is clipped to 0 or 1 or the weight is frozen. At the end h = 1[V >= 0].
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from qonnx.layer_moments import (  # noqa: F401  (re-exported: the layer side of AdaRound's API)
+    ConvSpec,
+    LayerMoments,
+    _as_blocks,
+    _check_grid,
+    _qparams,
+    blocks_to_conv_weight,
+    blocks_to_matmul_weight,
+    conv_weight_blocks,
+    im2col,
+    matmul_weight_blocks,
+    nearest_codes,
+    reconstruction_grad,
+    reconstruction_loss,
+)
+
+log = logging.getLogger(__name__)
+
+ZETA = 1.1
+GAMMA = -0.1
+DEFAULT_ITERATIONS = 10_000
+# With a time budget: steps timed before the schedule is fitted to it, and steps' worth of time kept for the
+# final hardening and loss evaluation.
+_PROBE_STEPS = 20
+_FINISH_STEPS = 5
+
+__all__ = [
+    "AdaRoundStats",
+    "ConvSpec",
+    "LayerMoments",
+    "RoundingProblem",
+    "adaround_weights",
+    "beta_schedule",
+    "blocks_to_conv_weight",
+    "blocks_to_matmul_weight",
+    "conv_weight_blocks",
+    "im2col",
+    "matmul_weight_blocks",
+    "nearest_codes",
+    "reconstruction_grad",
+    "reconstruction_loss",
+]
+
+
+def beta_schedule(step: int, iterations: int, beta: tuple[float, float], warm_start: float) -> float | None:
+    """beta at `step` (0-based), or None during the warm start (regularizer off), as AIMET computes it."""
+    warm_end = warm_start * iterations
+    if step < warm_end:
+        return None
+    start, end = beta
+    rel = (step - warm_end) / (iterations - warm_end)
+    return end + 0.5 * (start - end) * (1.0 + math.cos(rel * math.pi))
+
+
+@dataclass
+class RoundingProblem:
+    """One layer's AdaRound objective on blocks [g, O_g, I_g], with the optimizer's arrays in `dtype`.
+
+    Soft weights are written as W~ - W = s * clip(h, lo, hi) + off with off = s (floor(W/s) + z - z) - W
+    = -s frac(W/s) (computed in float64) and [lo, hi] = [qmin, qmax] - base, so that float32 never has to
+    resolve h against a large integer (base + h would lose h's low bits at |base| ~ 100).
+    """
+
+    weight: np.ndarray  # float64 blocks
+    scale: np.ndarray  # float64, broadcastable to the blocks
+    zero_point: np.ndarray
+    base: np.ndarray  # floor(W/s) + z, float64
+    qmin: int
+    qmax: int
+    moments: LayerMoments
+    dtype: np.dtype
+    free: np.ndarray  # bool: weights not pinned by the grid clip
+    s: np.ndarray  # scale in dtype
+    off: np.ndarray
+    lo: np.ndarray
+    hi: np.ndarray
+    gram: np.ndarray  # G in dtype
+    we: np.ndarray  # W E in dtype (zeros when symmetric)
+
+    @classmethod
+    def build(
+        cls,
+        weight: np.ndarray,
+        scale: Any,
+        moments: LayerMoments,
+        qmin: int,
+        qmax: int,
+        zero_point: Any = None,
+        dtype: type | np.dtype = np.float32,
+    ) -> RoundingProblem:
+        qmin, qmax = _check_grid(qmin, qmax)
+        wb, _ = _as_blocks(weight, "weight")
+        moments.check_blocks(wb, "weight")
+        wb = wb.astype(np.float64)
+        if not np.all(np.isfinite(wb)):
+            raise ValueError("weight has non-finite values")
+        s, z = _qparams(wb, scale, zero_point, qmin, qmax)
+        dt = np.dtype(dtype)
+        base = np.floor(wb / s) + z
+        free = (base >= qmin) & (base <= qmax - 1)
+        cross = moments.cross
+        we = np.zeros_like(wb) if cross is None else np.matmul(wb, cross)
+        return cls(
+            weight=wb,
+            scale=s,
+            zero_point=z,
+            base=base,
+            qmin=qmin,
+            qmax=qmax,
+            moments=moments,
+            dtype=dt,
+            free=free,
+            s=s.astype(dt),
+            off=(s * (base - z) - wb).astype(dt),
+            lo=(qmin - base).astype(dt),
+            hi=(qmax - base).astype(dt),
+            gram=moments.gram.astype(dt),
+            we=we.astype(dt),
+        )
+
+    def init_v(self) -> np.ndarray:
+        """V0 with h(V0) = frac(W/s) (float64 maths, then cast)."""
+        r = self.weight / self.scale - np.floor(self.weight / self.scale)
+        v0 = -np.log((ZETA - GAMMA) / (r - GAMMA) - 1.0)
+        return v0.astype(self.dtype)
+
+    @staticmethod
+    def h(v: np.ndarray) -> np.ndarray:
+        return np.clip(_sigmoid(v) * (ZETA - GAMMA) + GAMMA, 0.0, 1.0)
+
+    def soft_weight(self, v: np.ndarray) -> np.ndarray:
+        """W~(V) in float64 blocks."""
+        h = self.h(np.asarray(v, np.float64))
+        return self.weight + self.scale * np.clip(h, self.qmin - self.base, self.qmax - self.base) + (
+            self.scale * (self.base - self.zero_point) - self.weight
+        )
+
+    def codes(self, h: np.ndarray) -> np.ndarray:
+        """Integer codes clip(base + h, qmin, qmax) for a hard h in {0, 1}."""
+        return np.clip(self.base + h, self.qmin, self.qmax).astype(np.int32)
+
+    def hard_codes(self, v: np.ndarray) -> np.ndarray:
+        return self.codes((np.asarray(v) >= 0).astype(np.float64))
+
+    def dequantize(self, codes: np.ndarray) -> np.ndarray:
+        return self.scale * (codes - self.zero_point)
+
+    def loss_grad(
+        self, v: np.ndarray, beta: float | None, reg_weight: float, want_loss: bool = True
+    ) -> tuple[float, np.ndarray]:
+        """(L_rec + reg_weight * f_reg, dL/dV) at V (beta None: regularizer off). One matmul per block."""
+        sig = _sigmoid(v)
+        h_raw = sig * (ZETA - GAMMA) + GAMMA
+        h = np.clip(h_raw, 0.0, 1.0)
+        dw = self.s * np.clip(h, self.lo, self.hi) + self.off
+        dwg = np.matmul(dw, self.gram)
+        g_w = dwg + self.we
+        g_w *= 2.0
+        g_h = self.s * g_w
+        loss = 0.0
+        if want_loss:
+            loss = float(np.sum(dw * dwg, dtype=np.float64) + 2.0 * np.sum(dw * self.we, dtype=np.float64))
+            loss += self.moments.const_term(self.weight)
+        if beta is not None and reg_weight:
+            t = 2.0 * h - 1.0
+            a = np.abs(t)
+            g_h -= (2.0 * beta * reg_weight) * np.sign(t) * a ** (beta - 1.0)
+            if want_loss:
+                loss += reg_weight * float(np.sum((1.0 - a ** beta)[self.free], dtype=np.float64))
+        # h' is zero where h is clipped to 0/1 and for frozen weights (grid clip active for every h).
+        active = (h_raw > 0.0) & (h_raw < 1.0) & self.free
+        g_v = g_h * ((ZETA - GAMMA) * sig * (1.0 - sig))
+        g_v *= active
+        return loss, g_v
+
+
+def _sigmoid(v: np.ndarray) -> np.ndarray:
+    # tanh form: no overflow warnings for large |V|, one transcendental per element.
+    return 0.5 + 0.5 * np.tanh(0.5 * v)
+
+
+@dataclass(frozen=True)
+class AdaRoundStats:
+    """Outcome of one adaround_weights call (losses are L_rec in float64, i.e. mean ||dy_row||^2)."""
+
+    iterations: int  # optimizer steps run
+    planned_iterations: int  # the schedule length in the end (less than asked if the time budget shrank it)
+    stopped_early: bool  # the time budget cut the run short
+    loss_adaround: float  # L_rec of the returned hard codes
+    loss_nearest: float  # L_rec of round-to-nearest codes
+    loss_float: float  # L_rec of the unquantized weight: tr(W H W^T), 0 when symmetric
+    soft_fraction: float  # fraction of free weights whose h was not exactly 0 or 1 before hardening
+    frozen: int  # weights pinned by the grid clip (their code is fixed)
+    seconds: float
+
+
+def adaround_weights(
+    weight: np.ndarray,
+    scale: Any,
+    moments: LayerMoments,
+    qmin: int,
+    qmax: int,
+    *,
+    zero_point: Any = None,
+    iterations: int = DEFAULT_ITERATIONS,
+    reg_weight: float = 0.01,
+    beta: tuple[float, float] = (20.0, 2.0),
+    warm_start: float = 0.2,
+    lr: float = 1e-3,
+    betas: tuple[float, float] = (0.9, 0.999),
+    eps: float = 1e-8,
+    dtype: type | np.dtype = np.float32,
+    time_budget_s: float | None = None,
+    progress: Callable[[int], None] | None = None,
+) -> tuple[np.ndarray, AdaRoundStats]:
+    """AdaRound one layer: int32 codes in the layout of `weight` ([O, I] or blocks [g, O_g, I_g]).
+
+    `scale` / `zero_point`: scalar (per tensor), length O (per output channel) or broadcastable to the blocks;
+    the dequantized weight is scale * (codes - zero_point). Deterministic: full-batch moments, no sampling.
+    `time_budget_s`: after a few steps the per-step time is measured and, if `iterations` would not fit, the
+    schedule (warm start and beta decay) is compressed to fit; the run still stops at the budget, then hardens.
+    `progress(step)` is called with the number of completed steps after each step.
+    """
+    start = time.perf_counter()
+    if iterations < 0 or not 0.0 <= warm_start <= 1.0 or lr <= 0 or reg_weight < 0:
+        raise ValueError("need iterations >= 0, 0 <= warm_start <= 1, lr > 0 and reg_weight >= 0")
+    _, flat = _as_blocks(weight, "weight")
+    prob = RoundingProblem.build(weight, scale, moments, qmin, qmax, zero_point=zero_point, dtype=dtype)
+    v = prob.init_v()
+    m1 = np.zeros_like(v)
+    m2 = np.zeros_like(v)
+    b1, b2 = betas
+    total = int(iterations)
+    done = 0
+    stopped = False
+    probed = time_budget_s is None
+    loop_start = time.perf_counter()
+    log.debug("adaround: blocks %s, %d iterations, %d frozen", prob.weight.shape, total, int((~prob.free).sum()))
+    while done < total:
+        step_beta = beta_schedule(done, total, beta, warm_start)
+        _, g = prob.loss_grad(v, step_beta, reg_weight, want_loss=False)
+        # Adam exactly as torch.optim.Adam (defaults, no weight decay).
+        t = done + 1
+        m1 *= b1
+        m1 += (1.0 - b1) * g
+        m2 *= b2
+        m2 += (1.0 - b2) * np.square(g)
+        denom = np.sqrt(m2)
+        denom /= math.sqrt(1.0 - b2**t)
+        denom += eps
+        v -= (lr / (1.0 - b1**t)) * m1 / denom
+        done = t
+        if progress is not None:
+            progress(done)
+        if time_budget_s is not None:
+            now = time.perf_counter()
+            if now - start >= time_budget_s:
+                stopped = done < total
+                break
+            if not probed and (done >= _PROBE_STEPS or now - start >= 0.1 * time_budget_s):
+                # Fit the whole schedule (warm start and beta decay) into the budget rather than cutting it:
+                # a cut run would harden h before the regularizer has pushed it to 0/1.
+                probed = True
+                per_step = (now - loop_start) / done
+                left = time_budget_s - (now - start) - _FINISH_STEPS * per_step
+                fit = done + max(1, int(left / per_step))
+                if fit < total:
+                    log.info("adaround: %d iterations do not fit %.1f s (%.3g s/step); schedule shortened to %d",
+                             total, time_budget_s, per_step, fit)
+                    total = fit
+        if log.isEnabledFor(logging.DEBUG) and done % 1000 == 0:
+            loss, _ = prob.loss_grad(v, step_beta, reg_weight, want_loss=True)
+            log.debug("adaround step %d/%d: loss %.6g, beta %s", done, total, loss, step_beta)
+    h = prob.h(v.astype(np.float64))[prob.free]
+    soft_fraction = float(np.mean((h > 0.0) & (h < 1.0))) if h.size else 0.0
+    codes = prob.hard_codes(v)
+    near = nearest_codes(prob.weight, prob.scale, prob.qmin, prob.qmax, prob.zero_point)
+    stats = AdaRoundStats(
+        iterations=done,
+        planned_iterations=total,
+        stopped_early=stopped,
+        loss_adaround=reconstruction_loss(prob.dequantize(codes), prob.weight, moments),
+        loss_nearest=reconstruction_loss(prob.dequantize(near), prob.weight, moments),
+        loss_float=moments.const_term(prob.weight),
+        soft_fraction=soft_fraction,
+        frozen=int((~prob.free).sum()),
+        seconds=time.perf_counter() - start,
+    )
+    log.info(
+        "adaround %s: %d steps in %.2f s, L_rec %.6g (nearest %.6g, float %.6g), soft %.3g",
+        prob.weight.shape, done, stats.seconds, stats.loss_adaround, stats.loss_nearest, stats.loss_float,
+        soft_fraction,
+    )
+    return (codes[0] if flat else codes), stats
