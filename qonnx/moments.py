@@ -37,6 +37,7 @@ def clipped_gaussian_moments(mean, std, low=-np.inf, high=np.inf) -> tuple[np.nd
     """E[x] and Var[x] of x = clip(z, low, high), z ~ N(mean, std^2); std is used as |std|."""
     mu = np.asarray(mean, np.float64)
     sd = np.abs(np.asarray(std, np.float64))
+    low, high = np.asarray(low, np.float64), np.asarray(high, np.float64)
     with np.errstate(divide="ignore", invalid="ignore"):
         safe = np.where(sd > 0, sd, 1.0)
         a = np.where(sd > 0, (low - mu) / safe, np.where(mu >= low, -np.inf, np.inf))
@@ -47,12 +48,10 @@ def clipped_gaussian_moments(mean, std, low=-np.inf, high=np.inf) -> tuple[np.nd
         # integrals of t*phi(t) and t^2*phi(t) over [a, b]; a*phi(a) -> 0 at infinity
         t1 = pdf_a - pdf_b
         t2 = inside - (np.where(np.isfinite(b), b * pdf_b, 0.0) - np.where(np.isfinite(a), a * pdf_a, 0.0))
-        low_mass = cdf_a * (low if np.isfinite(low) else 0.0)
-        high_mass = (1.0 - cdf_b) * (high if np.isfinite(high) else 0.0)
-        first = low_mass + high_mass + mu * inside + sd * t1
-        second = (cdf_a * (low * low if np.isfinite(low) else 0.0)
-                  + (1.0 - cdf_b) * (high * high if np.isfinite(high) else 0.0)
-                  + mu * mu * inside + 2 * mu * sd * t1 + sd * sd * t2)
+        lo = np.where(np.isfinite(low), low, 0.0)  # bounds may be per channel; an infinite one has no mass
+        hi = np.where(np.isfinite(high), high, 0.0)
+        first = cdf_a * lo + (1.0 - cdf_b) * hi + mu * inside + sd * t1
+        second = cdf_a * lo * lo + (1.0 - cdf_b) * hi * hi + mu * mu * inside + 2 * mu * sd * t1 + sd * sd * t2
     var = np.maximum(second - first * first, 0.0)
     degenerate = sd == 0
     if np.any(degenerate):
@@ -184,8 +183,11 @@ class MomentPropagator:
             if c is None:
                 return None
             if op == "Min":
-                mean, var = clipped_gaussian_moments(x.mean, np.sqrt(x.var), -np.inf,
-                                                     _channel_constant(c, m.rank_of(node.inputs[0]), x.mean.size))
+                # CLE's per-channel bound [1, C, 1, ...] fixes the rank when the input's shape is unknown
+                upper = _channel_constant(c, m.rank_of(node.inputs[0]) or c.ndim, x.mean.size)
+                if upper is None:
+                    return None
+                mean, var = clipped_gaussian_moments(x.mean, np.sqrt(x.var), -np.inf, upper)
                 return Moments(mean, var, min(x.low, float(np.max(c))), min(x.high, float(np.max(c))),
                                (x.bound[0], min(x.bound[1], float(np.max(c)))))
             return self._clipped(x, float(np.min(c)), np.inf) if np.ptp(c) == 0 else None

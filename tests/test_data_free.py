@@ -183,3 +183,17 @@ def test_roles_after_dfq_have_parameters():
     result = qonnx.optimize(depthwise_block(), None, pipeline="dfq")
     for role in (Role.ACTIVATION, Role.WEIGHT, Role.BIAS):
         assert all(e.calibrated for e in result.ir.quant.of_role(role).values())
+
+
+def test_per_channel_min_bounds_left_by_cle_are_estimated():
+    """dfq-pertensor: CLE turns ReLU6 into Relu + Min(b / s); estimate-ranges must see through it."""
+    result = qonnx.optimize(depthwise_block(), None, pipeline="dfq-pertensor")
+    assert result.ir.quant.layers and not result.ir.quant.kept_float
+
+
+def test_per_channel_bounds_equal_one_call_per_channel():
+    mean, std, high = np.array([0.5, 2.0, 5.0]), np.array([1.0, 2.0, 0.5]), np.array([1.0, 6.0, 4.0])
+    together = clipped_gaussian_moments(mean, std, 0.0, high)
+    for i in range(3):
+        alone = clipped_gaussian_moments(mean[i:i + 1], std[i:i + 1], 0.0, float(high[i]))
+        assert np.allclose(together[0][i], alone[0]) and np.allclose(together[1][i], alone[1])
