@@ -18,9 +18,10 @@ from dataclasses import dataclass
 import numpy as np
 
 from passes.calibrate import MEANS_ANALYSIS, collect_activation_stats, set_bias_params
+from passes.estimate_ranges import MOMENTS_ANALYSIS, EstimateRanges, moments_for
 from qonnx.export import quantized_weight_codes
 from qonnx.ir import Model
-from qonnx.layers import channel_response, input_channels
+from qonnx.layers import channel_response
 from qonnx.pipeline import Pass, PassResult, option, register
 from qonnx.quant import dequantize
 
@@ -65,8 +66,6 @@ class BiasCorrection(Pass):
     def _means(self, model: Model, ctx, names: list[str]) -> dict[str, np.ndarray]:
         if self.options.mode == "empirical":
             return channel_means(model, names, ctx, self.options.batch_size, self.options.samples)
-        from passes.estimate_ranges import MOMENTS_ANALYSIS, EstimateRanges, moments_for
-
         cached = ctx.analyses.get(MOMENTS_ANALYSIS)
         if cached is not None:
             moments = cached[1]
@@ -89,8 +88,6 @@ class BiasCorrection(Pass):
             mean = means.get(layer.input)
             if mean is None:
                 continue
-            if mean.size == 1:
-                mean = np.full(input_channels(nodes[layer.node], w), float(mean[0]))
             shift = channel_response(nodes[layer.node], (approx.astype(np.float64) - w), mean)
             if shift is None:
                 continue

@@ -9,12 +9,11 @@ estimated (an op the propagation does not know) stay float, with the reason.
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 from dataclasses import dataclass
 
 from passes.calibrate import calibrate_weights, set_bias_params
-from passes.plan import Plan
+from passes.plan import replan_excluding
 from qonnx.errors import PreconditionError
 from qonnx.ir import Model
 from qonnx.moments import Moments, propagate_moments
@@ -79,11 +78,7 @@ class EstimateRanges(Pass):
         table = model.quant
         kept = _unknown_layers(model, moments)
         if kept:  # plan again without them, keeping the user's exclusions and reasons
-            previous = dict(table.kept_float)
-            base = table.plan_options if table.plan_options is not None else Plan.Options()
-            Plan(dataclasses.replace(base, exclude=tuple(sorted(set(base.exclude) | set(kept))))).run(model, ctx)
-            table.kept_float.update(previous)
-            table.kept_float.update(kept)
+            replan_excluding(model, ctx, kept)
             log.info("estimate-ranges: %d layers stay float (no estimate for their tensors)", len(kept))
         unknown = 0
         for name, entry in table.of_role(Role.ACTIVATION).items():

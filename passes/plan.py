@@ -13,6 +13,7 @@ ONNX Runtime's CPU EP fuses (algorithms.md §1.3):
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 import numpy as np
@@ -229,3 +230,17 @@ class Plan(Pass):
             "kept_float": len(model.quant.kept_float),
         }
         return PassResult(model, _fingerprint(model) != before, stats)
+
+
+def replan_excluding(model: Model, ctx, reasons: dict[str, str]) -> None:
+    """Plan again with the current plan's options and the given layers also excluded.
+
+    Layers kept float before keep their reasons; a non-empty reason here replaces the layer's.
+    The new plan has no parameters: the caller calibrates (or estimates ranges) again.
+    """
+    table = model.quant
+    previous = dict(table.kept_float)
+    base = table.plan_options if table.plan_options is not None else Plan.Options()
+    Plan(dataclasses.replace(base, exclude=tuple(sorted(set(base.exclude) | set(reasons))))).run(model, ctx)
+    table.kept_float.update({k: v for k, v in previous.items() if k not in reasons})
+    table.kept_float.update({k: v for k, v in reasons.items() if v})

@@ -10,11 +10,10 @@ the same statistics.
 
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass
 
 from passes.calibrate import STATS_ANALYSIS, Calibrate, CalibrateOptions, collect_activation_stats
-from passes.plan import Plan
+from passes.plan import replan_excluding
 from qonnx.ir import Model
 from qonnx.pipeline import Pass, PassResult, option, register
 from qonnx.qtable import QuantState, Role, TensorQuant
@@ -90,12 +89,8 @@ def replan_without(model: Model, ctx, reasons: dict[str, str]) -> None:
     table = model.quant
     methods = {e.method for e in table.tensors.values() if e.role is Role.ACTIVATION and e.method}
     weight_methods = {e.method for e in table.tensors.values() if e.role is Role.WEIGHT and e.method}
-    previous_float = dict(table.kept_float)
-    base = table.plan_options if table.plan_options is not None else Plan.Options()
-    Plan(dataclasses.replace(base, exclude=tuple(sorted(set(base.exclude) | set(reasons))))).run(model, ctx)
+    replan_excluding(model, ctx, reasons)
     auto = {"octav", "minmax"} >= methods and len(methods) > 1
     method = "auto" if auto or not methods else (methods.pop() if len(methods) == 1 else "auto")
     weights = weight_methods.pop() if len(weight_methods) == 1 else "minmax"
     Calibrate(CalibrateOptions(method=method, weights=weights)).run(model, ctx)
-    table.kept_float.update({k: v for k, v in previous_float.items() if k not in reasons})
-    table.kept_float.update({k: v for k, v in reasons.items() if v})

@@ -10,7 +10,11 @@ def channel_response(node, weight: np.ndarray, values: np.ndarray) -> np.ndarray
 
     With the weight error and E[x] this is the mean output shift of rounding; with W^2 and
     Var[x] the output variance of independent inputs. None if the layout is not understood.
+    One value stands for every input channel (a graph input whose channel count is unknown).
     """
+    values = np.asarray(values)
+    if values.size == 1:
+        values = np.full(input_channels(node, weight), values.reshape(-1)[0])
     if node.op == "Conv":
         groups = int(node.attrs.get("group", 1))
         summed = weight.reshape(weight.shape[0], weight.shape[1], -1).sum(axis=2)  # [O, C/g]

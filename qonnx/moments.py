@@ -24,7 +24,7 @@ import numpy as np
 from scipy.special import ndtr
 
 from qonnx.ir import Model
-from qonnx.layers import channel_response, input_channels
+from qonnx.layers import channel_response
 
 _SQRT_2PI = float(np.sqrt(2 * np.pi))
 
@@ -211,9 +211,7 @@ class MomentPropagator:
         if w is None:
             return None
         w = w.astype(np.float64)
-        channels = input_channels(node, w)
-        mean = channel_response(node, w, x.mean if x.mean.size > 1 else np.full(channels, x.mean[0]))
-        var = channel_response(node, w * w, x.var if x.var.size > 1 else np.full(channels, x.var[0]))
+        mean, var = channel_response(node, w, x.mean), channel_response(node, w * w, x.var)
         if mean is None or var is None:
             return None
         if len(node.inputs) > 2 and node.inputs[2].name:
