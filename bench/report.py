@@ -18,11 +18,6 @@ ROW_NAMES = {
 }
 
 
-def _is_variant(row: dict[str, Any]) -> bool:
-    return row["label"].startswith("ort-pertensor-") or (row["label"] in ROW_NAMES and row["label"].startswith(
-        ("qonnx-pertensor", "qonnx-w8a8-pertensor", "qonnx-dfq")))
-
-
 def _num(v: float | None, digits: int = 4) -> str:
     if v is None:
         return "–"
@@ -38,9 +33,9 @@ def _short(text: str | None, limit: int = 200) -> str:
 
 def _row_name(row: dict[str, Any]) -> str:
     label = row["label"]
-    if label.startswith("ort-best-"):
-        method = row["quant"]["config"].get("calibrate_method", "?")
-        return f"ORT best ({method})"
+    for prefix, kind in (("ort-best-", "ORT best"), ("ort-pertensor-", "ORT per-tensor")):
+        if label.startswith(prefix):
+            return f"{kind} ({row['quant']['config'].get('calibrate_method', '?')})"
     return ROW_NAMES.get(label, label)
 
 
@@ -81,7 +76,7 @@ def task_section(res: dict[str, Any], threads: list[int]) -> list[str]:
     head += [f"latency t{t} ms (×FP32, ×ORT-best)" for t in threads] + ["quant s", "peak MB"]
     lines += ["| " + " | ".join(head) + " |", "|" + "|".join("---" for _ in head) + "|"]
     table = [r for r in res["rows"] if (not r["label"].startswith("ort-best-") or r.get("is_ort_best"))
-             and not _is_variant(r)]
+             and not r.get("variant")]
     for row in table:
         if "error" in row:
             cells = [_row_name(row), f"failed: {_short(row['error'])}"] + ["–"] * (len(head) - 2)
@@ -98,15 +93,13 @@ def task_section(res: dict[str, Any], threads: list[int]) -> list[str]:
 def _variant_table(res: dict[str, Any]) -> list[str]:
     """Further pipelines (per-tensor weights, data-free) scored on the task metric only."""
     primary = res["primary_metric"]
-    rows = [r for r in res["rows"] if _is_variant(r)]
+    rows = [r for r in res["rows"] if r.get("variant")]
     if not rows:
         return []
     lines = ["Per-tensor and data-free variants (metric only; same calibration and evaluation sets):", "",
              f"| model | {primary} | other metrics | quant s |", "|---|---|---|---|"]
     for row in rows:
-        name = ROW_NAMES.get(row["label"], row["label"])
-        if row["label"].startswith("ort-pertensor-"):
-            name = f"ORT per-tensor ({row['quant']['config'].get('calibrate_method', '?')})"
+        name = _row_name(row)
         if "error" in row:
             lines.append(f"| {name} | failed: {_short(row['error'])} | – | – |")
             continue

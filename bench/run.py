@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import datetime as dt
-import hashlib
 import json
 import os
 import platform
@@ -33,6 +32,8 @@ sys.path.insert(0, str(REPO))  # `models` is a top-level package of the repo, no
 import ort_baselines as ob  # noqa: E402  (bench/ is this script's directory)
 import report  # noqa: E402
 from jobs import memory_cap_mb, run_job  # noqa: E402
+
+from models._common import load_npz, sha256_file  # noqa: E402
 
 DEFAULT_TASKS = ("efficientnet_lite0", "ppocr_rec", "ppocr_cls", "minilm", "fmnist_cnn")
 # Further qonnx pipelines per task, scored on the task metric (no latency): label -> (pipeline, uses data).
@@ -86,21 +87,8 @@ def load_tasks(wait_s: float = 1200.0) -> Any:
             time.sleep(60)
 
 
-def sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
-def load_arrays(path: Path) -> dict[str, np.ndarray]:
-    with np.load(path, allow_pickle=False) as z:
-        return {k: z[k] for k in z.files}
-
-
 def subset_npz(src: Path, dst: Path, n: int) -> Path:
-    np.savez(dst, **{k: v[:n] for k, v in load_arrays(src).items()})
+    np.savez(dst, **{k: v[:n] for k, v in load_npz(src).items()})
     return dst
 
 
@@ -164,7 +152,7 @@ def ort_job(kind: str, name: str, out: Path, original: Path, pre: dict[str, Any]
 
 def quantize_all(name: str, tdir: Path, out: Path, calib: Path, st: Settings, cap: float) -> dict[str, dict]:
     """All quantized variants of one task: label -> job result (with `path`)."""
-    samples = len(next(iter(load_arrays(calib).values())))
+    samples = len(next(iter(load_npz(calib).values())))
     original = tdir / "model.onnx"
     say("  ORT quant_pre_process")
     pre = run_job("ort-preprocess", "ort-preprocess", out, model=original, output=out / "fp32.pre.onnx")
@@ -242,7 +230,7 @@ def latency(rows: list[dict[str, Any]], tdir: Path, st: Settings) -> dict[str, A
     """
     from qonnx.ort import make_session, measure_latency
 
-    feed = {k: v[:1] for k, v in load_arrays(tdir / "eval.npz").items()}
+    feed = {k: v[:1] for k, v in load_npz(tdir / "eval.npz").items()}
     live = [r for r in rows if "error" not in r]
     base = next(r for r in live if r["label"] == "fp32")
     best = next((r for r in live if r.get("is_ort_best")), None)
@@ -280,7 +268,7 @@ def bench_task(tasks_mod: Any, name: str, out_root: Path, st: Settings, cap: flo
     calib = tdir / "calib.npz"
     if st.calib_samples:
         calib = subset_npz(calib, out / "calib.subset.npz", st.calib_samples)
-    calib_n = len(next(iter(load_arrays(calib).values())))
+    calib_n = len(next(iter(load_npz(calib).values())))
 
     jobs = quantize_all(name, tdir, out, calib, st, cap)
     rerun = jobs.pop("qonnx-w8a8.rerun")
@@ -288,12 +276,13 @@ def bench_task(tasks_mod: Any, name: str, out_root: Path, st: Settings, cap: flo
     determinism = {"ok": bool(first.get("ok") and rerun.get("ok")),
                    "rerun": {k: rerun.get(k) for k in ("seconds", "peak_mb", "error")}}
     if determinism["ok"]:
-        determinism.update(sha256_first=sha256(Path(first["path"])), sha256_second=sha256(Path(rerun["path"])))
+        determinism.update(sha256_first=sha256_file(Path(first["path"])), sha256_second=sha256_file(Path(rerun["path"])))
         determinism["identical"] = determinism["sha256_first"] == determinism["sha256_second"]
 
     fp32_path = tdir / "model.onnx"
     rows: list[dict[str, Any]] = [{"label": "fp32", "path": str(fp32_path), "quant": None}]
-    rows += [{"label": label, "path": res["path"], "quant": res} for label, res in jobs.items()]
+    rows += [{"label": label, "path": res["path"], "quant": res, "variant": is_variant(label)}
+             for label, res in jobs.items()]
     for row in rows:
         say(f"  evaluating {row['label']}")
         quant = row["quant"]
@@ -312,7 +301,7 @@ def bench_task(tasks_mod: Any, name: str, out_root: Path, st: Settings, cap: flo
         max(candidates, key=lambda r: r["metrics"][task.primary_metric])["is_ort_best"] = True
     say(f"  latency at threads {st.threads}, {st.runs} interleaved runs")
     table_rows = [r for r in rows if (not r["label"].startswith("ort-best-") or r.get("is_ort_best"))
-                  and not is_variant(r["label"])]
+                  and not r.get("variant")]
     load = latency(table_rows, tdir, st)
     return {
         "task": name, "description": task.description, "primary_metric": task.primary_metric,
@@ -327,7 +316,7 @@ def bench_task(tasks_mod: Any, name: str, out_root: Path, st: Settings, cap: flo
 # ---------------------------------------------------------------------------------------------
 def augmented_calib(src: Path, dst: Path, n: int, seed: int) -> Path:
     """`n` samples: the originals first, then seeded horizontal flips and rolls of them (NCHW images)."""
-    x = load_arrays(src)["input"]
+    x = load_npz(src)["input"]
     rng = np.random.default_rng(seed)
     out = np.empty((n, *x.shape[1:]), dtype=x.dtype)
     for i in range(n):
