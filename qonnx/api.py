@@ -60,6 +60,23 @@ def _as_model(model: str | os.PathLike[str] | onnx.ModelProto | Model) -> Model:
     return load_model(model)
 
 
+EXPORT_FORMATS = ("qdq", "qop", "int-only")
+
+
+def _exporter(export_format: str):
+    if export_format == "qdq":
+        return export_qdq
+    if export_format == "qop":
+        from qonnx.export_qop import export_qop
+
+        return export_qop
+    if export_format == "int-only":
+        from qonnx.export_int import export_int_only
+
+        return export_int_only
+    raise InputError(f"unknown export format '{export_format}' (one of: {', '.join(EXPORT_FORMATS)})")
+
+
 def evaluate_fidelity(reference: bytes, candidate: bytes, data: CalibrationSet, batch_size: int = 8,
                       threads: int | None = None) -> dict[str, Any]:
     ref_sess = make_session(reference, threads)
@@ -83,14 +100,20 @@ def optimize(
     check_fusion: bool = True,
     reproducer_dir: str | os.PathLike[str] | None = None,
     threads: int | None = None,
+    export_format: str = "qdq",
 ) -> OptimizeResult:
-    """Run a pipeline on a float model and export the quantized QDQ model.
+    """Run a pipeline on a float model and export the quantized model (QDQ by default).
+
+    `export_format` is one of EXPORT_FORMATS: "qdq" (QuantizeLinear/DequantizeLinear
+    around float ops), "qop" (QLinear* operators) or "int-only" (integer ops with
+    dyadic requantization between the input quantize and the output dequantize).
 
     `calibration` is an .npz path, a folder (per-sample .npy/.npz or images with
     `preprocess`), a dict of arrays, or an iterable of feed dicts. `holdout`
     samples from its tail are kept out of calibration and used to report
     fidelity to the float model (default: 10%, at most 64).
     """
+    exporter = _exporter(export_format)
     ir = _as_model(model)
     source_bytes = ir.to_bytes()
     pipe = pipeline if isinstance(pipeline, Pipeline) else Pipeline.parse(pipeline)
@@ -111,7 +134,7 @@ def optimize(
         "qonnx.seed": str(seed),
     })
     quantized = bool(ir.quant.tensors or ir.quant.dynamic)
-    proto = export_qdq(ir) if quantized else ir.to_onnx()
+    proto = exporter(ir) if quantized else ir.to_onnx()
     onnx.checker.check_model(proto)
     result = OptimizeResult(model=proto, ir=ir, pipeline=pipe, records=records, size_before=len(source_bytes))
     result.size_after = len(result.to_bytes())

@@ -45,7 +45,9 @@ def main() -> None:
 @click.option("--passes", "passes_text", help="A pipeline text, e.g. 'canonicalize,fold-bn,plan,calibrate{method=mse}'.")
 @click.option("--data-free", is_flag=True, help="Quantize with no calibration data (preset dfq; ranges from "
               "BatchNorm statistics). Set the input range with --passes '...estimate-ranges{input_range=[lo;hi]}'.")
-@click.option("--format", "fmt", type=click.Choice(["qdq"]), default="qdq", show_default=True)
+@click.option("--format", "fmt", type=click.Choice(["qdq", "qop", "int-only"]), default="qdq", show_default=True,
+              help="qdq: Q/DQ around float ops; qop: QLinear* operators; int-only: integer ops with dyadic "
+                   "requantization (check it with `qonnx inspect --integer-check`).")
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--holdout", type=int, default=None, help="Calibration samples held out for the fidelity check.")
 @click.option("--json", "json_out", type=click.Path(dir_okay=False, path_type=Path), help="Also write the report as JSON.")
@@ -66,7 +68,7 @@ def optimize(model: Path, output: Path, calib_data: Path | None, preprocess: str
         pipeline = resolve("dfq" if data_free and not passes_text else preset, passes_text)
         result = quantize_file(model, output, calib_data, pipeline=pipeline, seed=seed, holdout=holdout,
                                preprocess=preprocess, progress=sys.stderr.isatty(),
-                               reproducer_dir=output.parent / (output.name + ".reproducer"))
+                               reproducer_dir=output.parent / (output.name + ".reproducer"), export_format=fmt)
     except QonnxError as e:
         _fail(e)
         return
@@ -174,6 +176,53 @@ def attribute(model: Path, calib_data: Path, preprocess: str | None, preset: str
         from qonnx.modelio import write_bytes_atomic
 
         write_bytes_atomic(json.dumps([r.as_dict() for r in rows], indent=2).encode(), json_out)
+
+
+@main.command()
+@click.argument("model", type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@click.option("--integer-check", is_flag=True, help="Compare ORT's outputs with the numpy integer reference "
+              "(int-only models): fraction of exactly equal elements and the largest difference in LSBs.")
+@click.option("--data", type=click.Path(exists=True, path_type=Path), help="Inputs (.npz or folder) for the check.")
+@click.option("--samples", type=int, default=16, show_default=True, help="Samples to check (0 = all).")
+@click.option("--json", "json_out", type=click.Path(dir_okay=False, path_type=Path))
+@click.option("-v", "--verbose", count=True)
+def inspect(model: Path, integer_check: bool, data: Path | None, samples: int, json_out: Path | None,
+            verbose: int) -> None:
+    """Show MODEL's operators and the kernels ORT runs; optionally check it against the integer reference."""
+    _setup_logging(verbose)
+    from collections import Counter
+
+    from qonnx.errors import InputError
+    from qonnx.modelio import read_model_proto
+
+    try:
+        proto = read_model_proto(model)
+        ops = Counter(n.op_type for n in proto.graph.node)
+        click.echo("operators: " + ", ".join(f"{v} {k}" for k, v in sorted(ops.items())))
+        from qonnx.export import fusion_report
+
+        click.echo(fusion_report(proto).describe())
+        report = None
+        if integer_check:
+            if data is None:
+                raise InputError("--integer-check needs --data (the inputs to run)")
+            from qonnx.calibration import open_calibration
+            from qonnx.intref import integer_check as run_check
+            from qonnx.ir import Model
+
+            inputs = open_calibration(data, Model.from_onnx(proto))
+            if samples:
+                inputs = inputs.head(samples)
+            report = run_check(proto, inputs.batches(1))
+            click.echo(report.describe())
+    except QonnxError as e:
+        _fail(e)
+        return
+    if json_out:
+        from qonnx.modelio import write_bytes_atomic
+
+        payload = {"operators": dict(sorted(ops.items())), "integer_check": report.as_dict() if report else None}
+        write_bytes_atomic(json.dumps(payload, indent=2).encode(), json_out)
 
 
 if __name__ == "__main__":
