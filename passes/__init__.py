@@ -1,6 +1,7 @@
 """Built-in passes; importing this package registers them."""
 
 from passes import (  # noqa: F401
+    adaround,
     bias_correction,
     calibrate,
     canonicalize,

@@ -54,8 +54,8 @@ class BiasCorrection(Pass):
     Options = BiasCorrectionOptions
     requires = frozenset({"calibrated", "calibration-data"})
     provides = frozenset({"bias-corrected"})
-    forbidden_after = {"rounded": "AdaRound already reconstructs the output mean; bias correction after it is "
-                                  "redundant (run it before rounding or not at all)"}
+    warned_after = {"rounded": "bias correction after AdaRound is redundant (AdaRound already reconstructs "
+                               "each layer's output, mean included); it runs because the pipeline asks for it"}
     exact = False
 
     def __init__(self, options=None):

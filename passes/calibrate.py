@@ -12,6 +12,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from qonnx.errors import PreconditionError
 from qonnx.ir import Model
 from qonnx.ort import stream_tensors
 from qonnx.pipeline import Pass, PassResult, option, register
@@ -162,7 +163,9 @@ class Calibrate(Pass):
         acts = table.of_role(Role.ACTIVATION)
         roots = sorted({table.root(n) for n in acts})
         layer_inputs = [layer.input for layer in table.layers.values() if layer.bias]
-        stats = collect_activation_stats(model, roots, ctx, opts.batch_size, opts.samples, layer_inputs)
+        # A weight-only plan has no activation to observe: the data is not streamed at all.
+        stats = (collect_activation_stats(model, roots, ctx, opts.batch_size, opts.samples, layer_inputs)
+                 if roots or layer_inputs else {})
         tensors = model.tensors()
         methods = {name: auto_method(model, tensors[name]) if opts.method == "auto" else opts.method
                    for name in roots}
@@ -189,3 +192,32 @@ class Calibrate(Pass):
         return PassResult(model, True, {"activations": len(acts), "tensors_observed": len(roots),
                                         "samples": len(ctx.calibration) if not opts.samples else opts.samples,
                                         "bias_scale_guards": grown, "method": opts.method})
+
+
+@dataclass(frozen=True)
+class CalibrateWeightsOptions:
+    method: str = option("mse", "weight range method (per channel or block): the scale search", choices=WEIGHT_METHODS)
+
+
+@register
+class CalibrateWeights(Pass):
+    name = "calibrate-weights"
+    summary = "weight ranges only, no data (weight-only plans: plan{activations=float})"
+    Options = CalibrateWeightsOptions
+    requires = frozenset({"plan"})
+    provides = frozenset({"calibrated"})
+    forbidden_after = {"rounded": "weights are already rounded (AdaRound): calibrate before rounding"}
+    exact = True
+    edits_graph = False
+
+    def run(self, model: Model, ctx) -> PassResult:
+        acts = model.quant.of_role(Role.ACTIVATION)
+        if acts:
+            raise PreconditionError(f"pass 'calibrate-weights': the plan quantizes {len(acts)} activations, which "
+                                    "need ranges too; use calibrate (with data) or estimate-ranges (data-free), "
+                                    "or plan{activations=float} for weight-only quantization")
+        before = {n: (None if e.scale is None else np.asarray(e.scale).tobytes())
+                  for n, e in model.quant.of_role(Role.WEIGHT).items()}
+        calibrate_weights(model, self.options.method)
+        after = {n: np.asarray(e.scale).tobytes() for n, e in model.quant.of_role(Role.WEIGHT).items()}
+        return PassResult(model, after != before, {"weights": len(after), "method": self.options.method})

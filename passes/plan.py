@@ -35,9 +35,16 @@ ABSORBED_ACTIVATIONS = frozenset({"Relu", "Clip"})
 
 @dataclass(frozen=True)
 class PlanOptions:
-    weight_bits: int = option(8, "bits of weight integers", choices=(8,))
+    weight_bits: int = option(8, "bits of weight integers (4: int4 weights, exported with opset 21)",
+                              choices=(4, 8))
     per_channel: bool = option(True, "one weight scale per output channel (else one per tensor)")
-    activations: str = option("uint8", "activation integer type (uint8 is the fast one on x86)", choices=("uint8",))
+    activations: str = option("uint8", "activation type: uint8 (the fast integer one on x86) or float "
+                                       "(weight-only quantization)", choices=("uint8", "float"))
+    block_size: int = option(0, "MatMul/Gemm weights: one scale per block of this many inputs "
+                                "(0 = per channel); weight-only plans only", choices=(0, 16, 32, 64, 128, 256))
+    keep_8bit: tuple[str, ...] = option((), "with weight_bits=4, layers whose weights stay int8, separated by "
+                                             "';': first, last (in topological order), depthwise (grouped convs "
+                                             "with one input channel per group: few weights, large 4-bit error)")
     exclude: tuple[str, ...] = option((), "node names to keep in float, separated by ';'")
     activation_matmul: bool = option(
         False, "also quantize MatMuls of two activations (attention scores and context); "
@@ -69,7 +76,14 @@ def absorbed_output(model: Model, node):
 
 class _Planner:
     def __init__(self, model: Model, opts: PlanOptions):
+        if opts.block_size and opts.activations != "float":
+            raise PreconditionError("pass 'plan': block_size needs activations=float (ORT's integer kernels "
+                                    "take one weight scale per channel)")
+        unknown = sorted(set(opts.keep_8bit) - {"first", "last", "depthwise"})
+        if unknown:
+            raise PreconditionError(f"pass 'plan': keep_8bit takes first, last and depthwise, not {unknown}")
         self.model, self.opts = model, opts
+        self.weight_only = opts.activations == "float"
         self.table = model.quant
         self.act_scheme = QuantScheme(bits=8, signed=False, symmetric=False)
         self.quantizable: set[str] = set()  # tensors that carry quantized values cheaply
@@ -99,8 +113,7 @@ class _Planner:
             axis = weight_axis(m, node)
             if axis is None or w.dtype != np.float32:
                 return self.keep_float(node, "weight layout or dtype not supported")
-            scheme = QuantScheme(bits=self.opts.weight_bits, signed=True, symmetric=True,
-                                 axis=axis if self.opts.per_channel else None)
+            scheme = self.weight_scheme(node, w, axis)
             if (prev := self.table.get(w_t.name)) is not None and prev.scheme != scheme:
                 return self.keep_float(node, "shared weight used with a different layout")
             self.table.set(w_t.name, TensorQuant(Role.WEIGHT, scheme))
@@ -112,11 +125,16 @@ class _Planner:
                     return self.keep_float(node, "bias is not a 1-D constant of the layer alone")
                 bias_name = node.inputs[2].name
         elif node.op == "MatMul" and m.is_float(w_t):
+            if self.weight_only:
+                return self.keep_float(node, "MatMul of two activations (weight-only plan)")
             if not self.opts.activation_matmul:
                 return self.keep_float(node, "MatMul of two activations (enable plan{activation_matmul=true})")
             self.activation(w_t)  # activation x activation MatMul (attention)
         else:
             return self.keep_float(node, "weight is not a constant")
+        if self.weight_only:  # float activations: the bias stays float, nothing else is quantized
+            self.table.layers[node.name] = LayerQuant(node.name, node.op, x.name, weight_name)
+            return None
         self.activation(x)
         out = absorbed_output(m, node)
         if node.op == "Conv":  # QLinearConv needs a Q after the layer
@@ -127,6 +145,27 @@ class _Planner:
             scheme = QuantScheme(bits=32, signed=True, symmetric=True, axis=0, narrow=False)
             self.table.set(bias_name, TensorQuant(Role.BIAS, scheme, bias_of=(x.name, weight_name)))
         self.table.layers[node.name] = LayerQuant(node.name, node.op, x.name, weight_name, bias_name, out.name)
+
+    def weight_bits(self, node, w: np.ndarray) -> int:
+        keep = set(self.opts.keep_8bit)
+        if self.opts.weight_bits == 8 or not keep:
+            return self.opts.weight_bits
+        depthwise = node.op == "Conv" and int(node.attrs.get("group", 1)) > 1 and w.shape[1] == 1
+        if ("depthwise" in keep and depthwise) or ("first" in keep and node.name == self.first) \
+                or ("last" in keep and node.name == self.last):
+            return 8
+        return self.opts.weight_bits
+
+    def weight_scheme(self, node, w: np.ndarray, axis: int) -> QuantScheme:
+        opts = dataclasses.replace(self.opts, weight_bits=self.weight_bits(node, w))
+        if opts.block_size and node.op in ("MatMul", "Gemm") and w.ndim == 2:
+            # Blocks run along the input (K) axis, one scale per block and output channel: ONNX's blocked
+            # DequantizeLinear on that axis, and MatMulNBits' layout once transposed to [N, K].
+            k_axis = 1 if node.op == "Gemm" and int(node.attrs.get("transB", 0)) else 0
+            return QuantScheme(bits=opts.weight_bits, signed=True, symmetric=True, axis=k_axis,
+                               block_size=opts.block_size)
+        return QuantScheme(bits=opts.weight_bits, signed=True, symmetric=True,
+                           axis=axis if opts.per_channel else None)
 
     def requant(self, node) -> None:
         m = self.model
@@ -170,6 +209,8 @@ class _Planner:
         unknown = sorted(excluded - {n.name for n in self.model.nodes})
         if unknown:
             raise PreconditionError(f"pass 'plan': exclude names unknown node(s) {', '.join(map(repr, unknown))}")
+        compute = [n.name for n in self.model.toposort() if n.op in COMPUTE_OPS and n.name not in excluded]
+        self.first, self.last = (compute[0], compute[-1]) if compute else (None, None)
         for node in self.model.toposort():
             if node.name in excluded:
                 self.keep_float(node, "excluded by the user")

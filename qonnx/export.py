@@ -19,6 +19,14 @@ import onnx
 
 from qonnx.errors import ExportError
 from qonnx.ir import Model
+from qonnx.lowbit import (
+    INT4_OPSET,
+    export_matmul_nbits,
+    low_bit_weights,
+    nbits_applies,
+    pack_int4_initializers,
+    with_opset,
+)
 from qonnx.qtable import QuantState, Role, TensorQuant
 from qonnx.quant import quantize
 
@@ -34,6 +42,8 @@ def _param_constants(m: Model, base: str, entry: TensorQuant, zp_dtype: type):
     zero_point = np.asarray(entry.zero_point).astype(zp_dtype)
     if entry.scheme.axis is None:
         scale, zero_point = scale.reshape(()), zero_point.reshape(())
+    elif entry.scheme.block_size:  # blocked: the weight's rank, ceil(D/block) on the axis
+        pass
     else:
         scale, zero_point = scale.reshape(-1), zero_point.reshape(-1)
     return m.make_constant(base + "_scale", scale), m.make_constant(base + "_zero_point", zero_point)
@@ -42,10 +52,14 @@ def _param_constants(m: Model, base: str, entry: TensorQuant, zp_dtype: type):
 def _dq_attrs(entry: TensorQuant, rank: int) -> dict:
     if entry.scheme.axis is None:
         return {}
-    return {"axis": int(entry.scheme.axis) % max(rank, 1)}
+    attrs = {"axis": int(entry.scheme.axis) % max(rank, 1)}
+    if entry.scheme.block_size:
+        attrs["block_size"] = int(entry.scheme.block_size)
+    return attrs
 
 
-def _export_constant(m: Model, tensor, entry: TensorQuant, codes: np.ndarray) -> None:
+def _export_constant(m: Model, tensor, entry: TensorQuant, codes: np.ndarray) -> tuple[str, str]:
+    """DQ(codes) in place of the constant; returns the names of the code and zero-point initializers."""
     values = np.asarray(tensor.values)
     dtype = _np_dtype(entry)
     q = m.make_constant(tensor.name + "_quantized", codes.astype(dtype))
@@ -56,6 +70,7 @@ def _export_constant(m: Model, tensor, entry: TensorQuant, codes: np.ndarray) ->
     m.replace_uses(tensor, out)
     # Keep new consumers' order stable: DQ nodes go first in the node list.
     m.graph.nodes.insert(0, m.graph.nodes.pop())
+    return q.name, zp.name
 
 
 def _export_activation(m: Model, tensor, entry: TensorQuant) -> None:
@@ -77,36 +92,38 @@ def _export_activation(m: Model, tensor, entry: TensorQuant) -> None:
         m.graph.outputs = [dequantized if t is tensor else t for t in m.graph.outputs]
 
 
-def _absorb_activation(m: Model, tensor, entry: TensorQuant) -> None:
+def _absorb_activation(m: Model, tensor, entry: TensorQuant):
     """Drop a Relu/Clip whose whole output range the Q already enforces.
 
     ORT looks through a Relu before a Q but not through every Clip form, so the
     exporter removes the activation itself when it is exactly redundant: the Q's
     representable range [(qmin-zp)s, (qmax-zp)s] lies inside the clip bounds.
+    Returns the tensor that carries the quantized tensor's name afterwards.
     """
     node = m.producer(tensor)
     if node is None or node.op not in ("Relu", "Clip") or m.is_graph_output(tensor):
-        return
+        return tensor
     src = node.inputs[0]
     layer = m.producer(src)
     # Only the activation of an integer layer is absorbed, and never one whose input
     # is itself quantized (then ORT handles the DQ -> Relu -> Q on its own).
     if layer is None or layer.op not in ("Conv", "Gemm", "MatMul") or m.quant.get(src.name) is not None:
-        return
+        return tensor
     if len(m.consumers(src)) != 1 or m.is_graph_output(src) or m.used_in_subgraph(tensor):
-        return
+        return tensor
     bounds = m.clip_bounds(node)
     if bounds is None or np.ndim(entry.scale) != 0:
-        return
+        return tensor
     s, zp = float(entry.scale), int(entry.zero_point)
     lo_q, hi_q = (entry.scheme.qmin - zp) * s, (entry.scheme.qmax - zp) * s
     if lo_q < bounds[0] - s / 2 or hi_q > bounds[1] + s / 2:
-        return
+        return tensor
     m.replace_uses(tensor, src)
     node.inputs.clear()
     node.outputs.clear()
     m.graph.nodes.remove(node)
-    src.name, tensor.name = tensor.name, src.name + "_preact"
+    src.name, tensor.name = tensor.name, m.unique_name(src.name + "_preact")
+    return src  # now carries the quantized tensor's name
 
 
 def quantized_weight_codes(entry: TensorQuant, values: np.ndarray) -> np.ndarray:
@@ -115,36 +132,73 @@ def quantized_weight_codes(entry: TensorQuant, values: np.ndarray) -> np.ndarray
     return quantize(values, entry.scale, entry.zero_point, entry.scheme)
 
 
-def export_qdq(model: Model) -> onnx.ModelProto:
-    """The QDQ ONNX model for a calibrated IR (the IR itself is left as it was)."""
+def export_qdq(model: Model, nbits_accuracy_level: int = 0, pack_int4: bool = True) -> onnx.ModelProto:
+    """The QDQ ONNX model for a calibrated IR (the IR itself is left as it was).
+
+    4-bit weights: weight-only MatMuls with blocked scales become MatMulNBits; other 4-bit weights are int4
+    initializers behind DequantizeLinear, which needs opset 21 (the model is converted when older).
+    pack_int4=False keeps 4-bit codes in int8 initializers instead (same values, the model's opset, and
+    ORT's int8 kernels: what AdaRound runs to read a layer's quantized input).
+    """
     uncalibrated = [n for n, e in model.quant.tensors.items() if not e.calibrated]
     if uncalibrated:
         raise ExportError(f"{len(uncalibrated)} tensors have no quantization parameters yet "
                           f"(e.g. '{uncalibrated[0]}'): run a calibration pass before exporting")
     m = model.copy()
+    if any(name not in _nbits_layers(m) and (pack_int4 or e.scheme.block_size)
+           for name, e in low_bit_weights(m).items()):
+        m = with_opset(m, INT4_OPSET)
+    nbits = _nbits_layers(m)
+    int4_initializers: dict[str, bool] = {}
+    with m.naming_session():
+        _export_entries(m, nbits, nbits_accuracy_level, pack_int4, int4_initializers)
+    m.cleanup()
+    proto = m.to_onnx()
+    pack_int4_initializers(proto, int4_initializers)
+    return proto
+
+
+def _export_entries(m: Model, nbits: dict, nbits_accuracy_level: int, pack_int4: bool,
+                    int4_initializers: dict[str, bool]) -> None:
     tensors = m.tensors()
     for name, entry in sorted(m.quant.tensors.items()):
         tensor = tensors.get(name)
         if tensor is None:
             raise ExportError(f"quant table names tensor '{name}', which is not in the graph")
         if entry.role is Role.ACTIVATION:
-            _absorb_activation(m, tensor, entry)
-            _export_activation(m, m.tensors()[name], entry)
+            _export_activation(m, _absorb_activation(m, tensor, entry), entry)
             continue
         values = m.constant_value(tensor)
         if values is None:
             raise ExportError(f"{entry.role.value} '{name}' is not a constant")
         if entry.role is Role.WEIGHT:
             codes = quantized_weight_codes(entry, values)
+            if name in nbits:
+                export_matmul_nbits(m, nbits[name], entry, codes, nbits_accuracy_level)
+                entry.state = QuantState.EXPORTED
+                continue
         else:  # int32 bias, zero point 0; the scale was checked for overflow at calibration
             codes = np.clip(np.rint(values.astype(np.float64) / np.asarray(entry.scale, np.float64)),
                             -(2**31), 2**31 - 1)
-        _export_constant(m, tensor, entry, codes)
+        q_name, zp_name = _export_constant(m, tensor, entry, codes)
+        if entry.scheme.bits < 8 and pack_int4:
+            int4_initializers.update({q_name: entry.scheme.signed, zp_name: entry.scheme.signed})
         entry.state = QuantState.EXPORTED
     for node_name, entry in sorted(m.quant.dynamic.items()):
         _export_dynamic_matmul(m, node_name, entry)
-    m.cleanup()
-    return m.to_onnx()
+
+
+def _nbits_layers(m: Model) -> dict[str, object]:
+    """Weight name -> its MatMul node, for the layers exported as MatMulNBits (the weight feeds only them)."""
+    nodes = {n.name: n for n in m.nodes}
+    found = {}
+    for layer in m.quant.layers.values():
+        entry = m.quant.get(layer.weight) if layer.weight else None
+        node = nodes.get(layer.node)
+        if entry is not None and node is not None and nbits_applies(m, node, entry) \
+                and len(m.consumers(node.inputs[1])) == 1:
+            found[layer.weight] = node
+    return found
 
 
 def _export_dynamic_matmul(m: Model, node_name: str, entry: TensorQuant) -> None:

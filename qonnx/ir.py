@@ -7,12 +7,13 @@ graph objects (nodes and tensors) are graphsurgeon's; passes reach them through
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import logging
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, Iterable, Iterator
 
 import numpy as np
 import onnx
@@ -71,6 +72,7 @@ class Model:
     quant: QuantTable = field(default_factory=QuantTable)
     folded_norms: dict[str, FoldedNorm] = field(default_factory=dict)  # layer output name -> BN
     source_path: Path | None = None
+    _taken: set[str] | None = field(default=None, repr=False, compare=False)
 
     # ---------------------------------------------------------------- conversion
     @classmethod
@@ -245,18 +247,35 @@ class Model:
 
     # ---------------------------------------------------------------- edits
     def unique_name(self, hint: str) -> str:
-        taken = self.tensors().keys() | {n.name for n in self.graph.nodes}
-        if hint not in taken:
-            return hint
-        i = 1
-        while f"{hint}_{i}" in taken:
+        taken = self._taken if self._taken is not None else self.tensors().keys() | {n.name for n in self.graph.nodes}
+        name, i = hint, 0
+        while name in taken:
             i += 1
-        return f"{hint}_{i}"
+            name = f"{hint}_{i}"
+        if self._taken is not None:
+            self._taken.add(name)
+        return name
+
+    @contextlib.contextmanager
+    def naming_session(self) -> Iterator[None]:
+        """Within the block, names come from one snapshot of the graph's names plus those handed out since
+        (unique_name is otherwise O(graph) per call): for bulk rewrites that create names only through
+        this Model."""
+        self._taken = set(self.tensors()) | {n.name for n in self.graph.nodes}
+        try:
+            yield
+        finally:
+            self._taken = None
 
     def make_constant(self, hint: str, values: np.ndarray) -> gs.Constant:
         values = np.asarray(values)
         # ascontiguousarray would turn a 0-d array into 1-d: per-tensor Q/DQ parameters must stay scalars.
         return gs.Constant(self.unique_name(hint), values if values.flags.c_contiguous else values.copy(order="C"))
+
+    @staticmethod
+    def omitted_input() -> gs.Variable:
+        """The empty-named tensor that skips an optional node input."""
+        return gs.Variable.empty()
 
     def make_variable(self, hint: str, dtype: Any = None, shape: Any = None) -> gs.Variable:
         return gs.Variable(self.unique_name(hint), dtype=dtype, shape=shape)

@@ -76,6 +76,34 @@ def with_outputs(proto: onnx.ModelProto, names: Iterable[str]) -> onnx.ModelProt
     return fresh
 
 
+def truncated(proto: onnx.ModelProto, names: Iterable[str]) -> onnx.ModelProto:
+    """A copy computing only the named float tensors (as its outputs) and the nodes they need."""
+    names = list(dict.fromkeys(names))
+    graph_inputs = {i.name for i in proto.graph.input}
+    needed = set(names)
+    keep = []
+    for node in reversed(proto.graph.node):
+        if not needed.intersection(node.output):
+            continue
+        keep.append(node)
+        needed.update(node.input)
+        for attr in node.attribute:  # subgraphs may read outer tensors: keep whatever they name
+            for g in ([attr.g] if attr.type == onnx.AttributeProto.GRAPH else list(attr.graphs)):
+                for inner in g.node:
+                    needed.update(inner.input)
+    fresh = onnx.ModelProto()
+    fresh.CopyFrom(proto)
+    del fresh.graph.node[:]
+    fresh.graph.node.extend(reversed(keep))
+    kept_inits = [i for i in proto.graph.initializer if i.name in needed]
+    del fresh.graph.initializer[:]
+    fresh.graph.initializer.extend(kept_inits)
+    del fresh.graph.output[:]
+    fresh.graph.output.extend(onnx.helper.make_tensor_value_info(n, onnx.TensorProto.FLOAT, None)
+                              for n in names if n not in graph_inputs)
+    return fresh  # every graph input stays, so the same feeds work
+
+
 def stream_tensors(proto: onnx.ModelProto, names: Iterable[str], batches: Iterable[dict[str, np.ndarray]],
                    threads: int | None = None) -> Iterator[tuple[dict[str, np.ndarray], dict[str, np.ndarray]]]:
     """Yield (feed, {name: value}) per batch for the named tensors: graph inputs come from the
@@ -83,7 +111,8 @@ def stream_tensors(proto: onnx.ModelProto, names: Iterable[str], batches: Iterab
     names = list(names)
     graph_inputs = {i.name for i in proto.graph.input}
     wanted = sorted({n for n in names if n not in graph_inputs})
-    session = make_session(with_outputs(proto, wanted).SerializeToString(), threads=threads, spinning=False)
+    session = (make_session(with_outputs(proto, wanted).SerializeToString(), threads=threads, spinning=False)
+               if wanted else None)
     for feed in batches:
         values = dict(zip(wanted, session.run(wanted, feed))) if wanted else {}
         values.update({n: feed[n] for n in names if n in graph_inputs})

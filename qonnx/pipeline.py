@@ -9,6 +9,7 @@ come from their fields.
 from __future__ import annotations
 
 import dataclasses
+import logging
 import re
 import types
 import typing
@@ -51,6 +52,8 @@ class Pass(ABC):
     provides: ClassVar[frozenset[str]] = frozenset()
     # A capability that, once provided earlier, makes this pass invalid (with the reason).
     forbidden_after: ClassVar[dict[str, str]] = {}
+    # A capability that, once provided earlier, makes this pass questionable: validation warns (with why).
+    warned_after: ClassVar[dict[str, str]] = {}
     preserves: ClassVar[frozenset[str]] = frozenset()  # analyses left valid
     exact: ClassVar[bool] = True  # float outputs must not change (checked by the numeric verifier)
     edits_graph: ClassVar[bool] = True  # False for passes that only write the quant table
@@ -74,6 +77,7 @@ class Pass(ABC):
         return self.spec()
 
 
+log = logging.getLogger(__name__)
 _REGISTRY: dict[str, type[Pass]] = {}
 
 
@@ -116,6 +120,20 @@ PRESETS: dict[str, tuple[str, str]] = {
         "bias-correction{mode=analytic}",
         "data-free INT8 with per-tensor weights: DFQ's recipe (CLE, high-bias absorption, BN-statistics ranges, "
         "analytic bias correction)",
+    ),
+    "w8a8-adaround": (
+        "canonicalize,fold-bn,smooth,plan,calibrate{weights=mse},protect,keep-fast,adaround",
+        "w8a8 with AdaRound instead of bias correction: each weight's rounding learned on calibration data",
+    ),
+    "w4a8": (
+        "canonicalize,fold-bn,plan{weight_bits=4,keep_8bit=first;last;depthwise},calibrate{weights=mse},adaround",
+        "int4 weights (MSE scale search, AdaRound), uint8 activations; the first and last layers and depthwise "
+        "convs keep int8 weights. Stored as int4 (opset 21): about half the size of w8a8",
+    ),
+    "w4a16": (
+        "canonicalize,fold-bn,plan{weight_bits=4,activations=float,block_size=32},calibrate-weights{method=mse}",
+        "weight-only int4 in blocks of 32 (MSE scale search), float activations, no data needed; MatMul/Gemm "
+        "run as ORT's MatMulNBits",
     ),
     "w8a8-static": (
         "canonicalize,fold-bn,smooth,plan,calibrate,protect,bias-correction",
@@ -277,10 +295,15 @@ class Pipeline:
     def __len__(self) -> int:
         return len(self.passes)
 
-    def validate(self, available: frozenset[str]) -> None:
-        """Check requirements and ordering rules before anything runs."""
+    def validate(self, available: frozenset[str]) -> list[str]:
+        """Check requirements and ordering rules before anything runs; returns (and logs) the warnings."""
         have = set(available)
+        warnings = []
         for index, p in enumerate(self.passes):
+            for capability, reason in p.warned_after.items():
+                if capability in have:
+                    warnings.append(f"pass '{p.name}' (position {index + 1}): {reason}")
+                    log.warning("%s", warnings[-1])
             for capability, reason in p.forbidden_after.items():
                 if capability in have:
                     raise PreconditionError(f"pass '{p.name}' (position {index + 1}) cannot run here: {reason}")
@@ -294,6 +317,7 @@ class Pipeline:
                     f"pass '{p.name}' (position {index + 1}) needs {', '.join(missing)}: {details}"
                 )
             have |= p.provides
+        return warnings
 
 
 def resolve(preset: str | None, passes: str | None) -> Pipeline:

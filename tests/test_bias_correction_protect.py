@@ -98,10 +98,13 @@ def test_bias_correction_is_idempotent():
     assert np.array_equal(ir.constant_value(ir.tensors()["b"]), first)
 
 
-def test_bias_correction_after_rounding_is_refused():
+def test_bias_correction_after_rounding_is_warned_about_not_refused(caplog):
     p = Pipeline.parse("bias-correction")
-    with pytest.raises(PreconditionError, match="bias-correction.*AdaRound"):
-        p.validate(frozenset({"calibration-data", "calibrated", "rounded"}))
+    with caplog.at_level("WARNING"):
+        warnings = p.validate(frozenset({"calibration-data", "calibrated", "rounded"}))
+    assert len(warnings) == 1 and "bias-correction" in warnings[0] and "AdaRound" in warnings[0]
+    assert "redundant" in caplog.text
+    assert Pipeline.parse("bias-correction").validate(frozenset({"calibration-data", "calibrated"})) == []
 
 
 # ------------------------------------------------------------------------------- protect
