@@ -34,12 +34,13 @@ class AdaRoundOptions:
     iterations: int = option(DEFAULT_ITERATIONS, "optimizer steps per layer (the schedule is fitted into the "
                                                  "time budget when they do not fit)")
     time_budget: float = option(420.0, "seconds for the whole pass, data passes included (0 = no limit)")
-    samples: int = option(128, "calibration samples for the layer moments (0 = all)")
+    samples: int = option(0, "calibration samples for the layer moments (0 = all): with few rows per input "
+                             "feature the rounding fits the calibration set, not the task")
     rows_per_input: int = option(256, "a layer stops collecting once its moments hold this many rows per "
                                       "input feature (high-resolution layers need only a few images)")
     batch_size: int = option(8, "samples per ORT run while collecting layer inputs")
     reg_weight: float = option(0.01, "lambda: weight of the rounding regularizer")
-    lr: float = option(1e-3, "Adam learning rate")
+    lr: float = option(1e-3, "Adam learning rate for 10 000 steps; shorter schedules keep lr x steps")
     warm_start: float = option(0.2, "fraction of the steps without the regularizer")
 
 
@@ -172,7 +173,7 @@ class AdaRound(Pass):
                     codes, stats = adaround_weights(
                         layer.blocks, layer.scale, moments[layer.quant.node], entry.scheme.qmin, entry.scheme.qmax,
                         iterations=opts.iterations, reg_weight=opts.reg_weight, lr=opts.lr,
-                        warm_start=opts.warm_start, time_budget_s=budget,
+                        warm_start=opts.warm_start, time_budget_s=budget, lr_reference_steps=DEFAULT_ITERATIONS,
                         progress=lambda step, bar=bar: bar.update(step - bar.n))
                 entry.codes = _to_graph_layout(codes, layer)
                 entry.method = (entry.method + "+adaround") if entry.method else "adaround"

@@ -410,6 +410,25 @@ def test_time_budget_shortens_the_schedule_and_progress_counts():
     assert stats.seconds < 10.0
 
 
+def test_short_schedules_keep_lr_times_steps_and_still_harden():
+    gen = np.random.default_rng(13)
+    w = gen.standard_normal((32, 48)) * 0.05
+    x = gen.standard_normal((2000, 48)) @ (np.eye(48) + 0.3 * gen.standard_normal((48, 48)))
+    moments = LayerMoments.for_linear(w)
+    moments.add(x)
+    scale = np.abs(w).max(1) / 7
+    _, plain = adaround_weights(w, scale, moments, -7, 7, iterations=400)
+    _, scaled = adaround_weights(w, scale, moments, -7, 7, iterations=400, lr_reference_steps=10_000)
+    _, reference = adaround_weights(w, scale, moments, -7, 7, iterations=10_000)
+    # lr 1e-3 for 400 steps barely moves V: many weights are still undecided when hardened.
+    assert plain.soft_fraction > 0.2 and scaled.soft_fraction < 0.05
+    assert scaled.loss_adaround < plain.loss_adaround
+    assert scaled.loss_adaround <= 1.05 * reference.loss_adaround
+    # The reference schedule itself is unchanged by the option.
+    _, same = adaround_weights(w, scale, moments, -7, 7, iterations=10_000, lr_reference_steps=10_000)
+    assert same.loss_adaround == reference.loss_adaround
+
+
 # --------------------------------------------------------------------------- 5. brute force
 def _toy_problems(n_in: int, asymmetric: bool, seeds: range, rho: float, kind: str):
     """Least-squares toys y = w x, O = 1, stacked one per seed as group blocks (groups are independent)."""

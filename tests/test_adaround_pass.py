@@ -119,10 +119,12 @@ def test_ordering_rules_around_rounding():
 
 def test_weight_only_blocked_adaround_ends_in_matmul_nbits():
     proto = matmul_mlp()
+    # 512 samples: the second layer has 32 inputs and one row per sample; with far fewer rows per input the
+    # learned rounding fits the calibration set rather than the data (measured: 64 samples lose 0.1 dB).
     plain, _ = output_sqnr(proto, "canonicalize,plan{weight_bits=4,activations=float,block_size=16},"
-                                  "calibrate{weights=mse}")
+                                  "calibrate{weights=mse}", n=512)
     learned, result = output_sqnr(proto, "canonicalize,plan{weight_bits=4,activations=float,block_size=16},"
-                                         "calibrate{weights=mse},adaround{iterations=2000}")
+                                         "calibrate{weights=mse},adaround{iterations=2000}", n=512)
     assert [n.op_type for n in result.model.graph.node].count("MatMulNBits") == 2
     assert learned > plain
 
