@@ -10,6 +10,7 @@ from passes import (  # noqa: F401
     fold_bn,
     high_bias,
     keep_fast,
+    mixed_precision,
     plan,
     protect,
     relu6,

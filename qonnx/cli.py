@@ -225,5 +225,66 @@ def inspect(model: Path, integer_check: bool, data: Path | None, samples: int, j
         write_bytes_atomic(json.dumps(payload, indent=2).encode(), json_out)
 
 
+@main.command()
+@click.argument("model", type=click.Path(dir_okay=False, path_type=Path))
+@click.option("--calib-data", required=True, type=click.Path(path_type=Path),
+              help="Calibration data; its held-out tail measures the fidelity of each sweep point.")
+@click.option("--out", "out_dir", required=True, type=click.Path(file_okay=False, path_type=Path),
+              help="Folder for sensitivity.json (reused by later runs), layers.csv, pareto.json and pareto.png.")
+@click.option("--preprocess", help="Image folder preprocessing spec.")
+@click.option("--passes", "passes_text", help="Pipeline with one mixed-precision pass whose size budget is swept "
+              "(default: canonicalize,fold-bn,plan,mixed-precision,calibrate{weights=mse}).")
+@click.option("--objective", type=click.Choice(["measured", "hessian"]), help="Sensitivity estimator "
+              "(overrides the pipeline's).")
+@click.option("--points", type=int, default=9, show_default=True,
+              help="Size budgets from all-int4 (0) to all-int8 (1), evenly spaced.")
+@click.option("--holdout", type=int, default=32, show_default=True, help="Samples used to measure fidelity.")
+@click.option("--top", type=int, default=20, show_default=True, help="Layers to print (most sensitive first).")
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("-v", "--verbose", count=True)
+def sensitivity(model: Path, calib_data: Path, out_dir: Path, preprocess: str | None, passes_text: str | None,
+                objective: str | None, points: int, holdout: int, top: int, seed: int, verbose: int) -> None:
+    """Per-layer sensitivity to int4/int8 weights and a size sweep of mixed precision (table, JSON, PNG)."""
+    _setup_logging(verbose)
+    import csv
+    import io
+
+    from qonnx.modelio import write_bytes_atomic
+    from qonnx.pareto import DEFAULT_PIPELINE, pareto_sweep, plot_pareto
+
+    try:
+        if points < 2:
+            raise QonnxError("--points needs at least 2 (the all-int4 and all-int8 ends)")
+        out_dir.mkdir(parents=True, exist_ok=True)
+        fractions = tuple(float(f) for f in (i / (points - 1) for i in range(points)))
+        sweep = pareto_sweep(model, calib_data, pipeline=passes_text or DEFAULT_PIPELINE, fractions=fractions,
+                             objective=objective, holdout=holdout, seed=seed, preprocess=preprocess,
+                             progress=sys.stderr.isatty(), cache_file=out_dir / "sensitivity.json")
+    except QonnxError as e:
+        _fail(e)
+        return
+    layers = sweep["layers"]
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=list(layers[0]), lineterminator="\n")
+    writer.writeheader()
+    writer.writerows(layers)
+    write_bytes_atomic(buffer.getvalue().encode(), out_dir / "layers.csv")
+    write_bytes_atomic(json.dumps(sweep, indent=1, default=str).encode(), out_dir / "pareto.json")
+    plot_pareto(sweep, out_dir / "pareto.png")
+    click.echo(f"sensitivity ({sweep['objective']}, {sweep['loss']} of '{sweep['target']}') of {len(layers)} "
+               f"layers in {sweep['sensitivity_seconds']:.1f}s; most sensitive at int4:")
+    click.echo(f"{'weight':48s} {'params':>9s} {'omega int4':>11s} {'omega int8':>11s}")
+    for row in sorted(layers, key=lambda r: -r["omega_int4"])[:top]:
+        click.echo(f"{row['weight'][-48:]:48s} {row['params']:9d} {row['omega_int4']:11.3g} {row['omega_int8']:11.3g}")
+    click.echo(f"\n{'size':>5s} {'weight bytes':>13s} {'int4':>5s} {'int8':>5s} {'predicted':>10s} "
+               f"{'KL':>9s} {'SQNR dB':>8s} {'top1 agr':>8s}")
+    for p in sweep["points"]:
+        f = p["fidelity"]
+        click.echo(f"{p['fraction']:5.3f} {int(p['size_total']):13d} {p.get('int4', 0):5d} {p.get('int8', 0):5d} "
+                   f"{p['predicted_omega']:10.3g} {f.get('kl', float('nan')):9.3g} {f['sqnr_db']:8.2f} "
+                   f"{f.get('top1_agreement', float('nan')):8.3f}")
+    click.echo(f"wrote {out_dir}/layers.csv, pareto.json, pareto.png (sensitivities: sensitivity.json)")
+
+
 if __name__ == "__main__":
     main()
