@@ -15,6 +15,12 @@ ROW_NAMES = {
     "qonnx-w8a8-pertensor": "qonnx w8a8-pertensor",
     "qonnx-dfq": "qonnx dfq (no data)",
     "qonnx-dfq-pertensor": "qonnx dfq-pertensor (no data)",
+    "qonnx-w4a8": "qonnx w4a8 (int4 weights, AdaRound)",
+    "qonnx-w4-nearest": "qonnx int4 weights, round-to-nearest (w4a8 without AdaRound)",
+    "qonnx-w4a16": "qonnx w4a16 (int4 weight-only, MatMulNBits)",
+    "qonnx-qop": "qonnx w8a8, QOperator format",
+    "qonnx-int-only": "qonnx w8a8-static, integer-only format",
+    "qonnx-w8a8-static": "qonnx w8a8-static",
 }
 
 
@@ -96,15 +102,15 @@ def _variant_table(res: dict[str, Any]) -> list[str]:
     rows = [r for r in res["rows"] if r.get("variant")]
     if not rows:
         return []
-    lines = ["Per-tensor and data-free variants (metric only; same calibration and evaluation sets):", "",
-             f"| model | {primary} | other metrics | quant s |", "|---|---|---|---|"]
+    lines = ["Further variants, metric only (same calibration and evaluation sets):", "",
+             f"| model | {primary} | other metrics | size MB | quant s |", "|---|---|---|---|---|"]
     for row in rows:
         name = _row_name(row)
         if "error" in row:
-            lines.append(f"| {name} | failed: {_short(row['error'])} | – | – |")
+            lines.append(f"| {name} | failed: {_short(row['error'])} | – | – | – |")
             continue
         lines.append(f"| {name} | {_num(row['metrics'].get(primary))} | {_secondary(row, primary)} | "
-                     f"{_quant_cells(row)[0]} |")
+                     f"{row['size_mb']:.2f} | {_quant_cells(row)[0]} |")
     return lines + [""]
 
 

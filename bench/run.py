@@ -37,14 +37,40 @@ from models._common import load_npz, sha256_file  # noqa: E402
 
 DEFAULT_TASKS = ("efficientnet_lite0", "ppocr_rec", "ppocr_cls", "minilm", "fmnist_cnn")
 # Further qonnx pipelines per task, scored on the task metric (no latency): label -> (pipeline, uses data).
-VARIANTS: dict[str, dict[str, tuple[str, bool]]] = {
+@dataclass(frozen=True)
+class Variant:
+    """A further qonnx row: its pipeline, whether it gets calibration data, whether it joins the latency table
+    (else it is scored on the metric only) and the export format."""
+
+    pipeline: str
+    uses_data: bool = True
+    timed: bool = False
+    export_format: str = "qdq"
+
+
+W4_NEAREST = "canonicalize,fold-bn,plan{weight_bits=4,keep_8bit=first;last;depthwise},calibrate{weights=mse}"
+VARIANTS: dict[str, dict[str, Variant]] = {
     "efficientnet_lite0": {
-        "qonnx-pertensor-plain": ("canonicalize,fold-bn,smooth,plan{per_channel=false},calibrate,protect", True),
-        "qonnx-w8a8-pertensor": ("w8a8-pertensor", True),
-        "qonnx-dfq": ("dfq", False),
-        "qonnx-dfq-pertensor": ("dfq-pertensor", False),
+        "qonnx-pertensor-plain": Variant("canonicalize,fold-bn,smooth,plan{per_channel=false},calibrate,protect"),
+        "qonnx-w8a8-pertensor": Variant("w8a8-pertensor"),
+        "qonnx-dfq": Variant("dfq", uses_data=False),
+        "qonnx-dfq-pertensor": Variant("dfq-pertensor", uses_data=False),
+        "qonnx-w4a8": Variant("w4a8", timed=True),
+        "qonnx-w4-nearest": Variant(W4_NEAREST),
+        "qonnx-qop": Variant("w8a8", timed=True, export_format="qop"),
+        "qonnx-int-only": Variant("w8a8-static", export_format="int-only"),
     },
-    "ppocr_cls": {"qonnx-dfq": ("dfq", False)},
+    "ppocr_cls": {"qonnx-dfq": Variant("dfq", uses_data=False)},
+    "ppocr_rec": {
+        "qonnx-w4a8": Variant("w4a8", timed=True),
+        "qonnx-w4-nearest": Variant(W4_NEAREST),
+    },
+    "minilm": {"qonnx-w4a16": Variant("w4a16", uses_data=False, timed=True)},
+    "fmnist_cnn": {
+        "qonnx-w8a8-static": Variant("w8a8-static", timed=True),
+        "qonnx-qop": Variant("w8a8-static", timed=True, export_format="qop"),
+        "qonnx-int-only": Variant("w8a8-static", export_format="int-only"),
+    },
 }
 PER_TENSOR_ORT_TASKS = ("efficientnet_lite0",)  # ORT quantize_static with per_channel=False as well
 SCALING_TASK = "efficientnet_lite0"
@@ -178,11 +204,12 @@ def quantize_all(name: str, tdir: Path, out: Path, calib: Path, st: Settings, ca
             say(f"  ORT per-tensor QDQ, {method}")
             config = {**ob.best_config(method), "per_channel": False}
             jobs[label] = ort_job("ort-static", label, out, original, pre, calib, config, samples, cap)
-    for label, (pipeline, uses_data) in VARIANTS.get(name, {}).items():
-        say(f"  qonnx {pipeline}")
+    for label, v in VARIANTS.get(name, {}).items():
+        say(f"  qonnx {v.pipeline} ({v.export_format})")
         jobs[label] = run_job("qonnx", label, out, model=tdir / "model.onnx", output=out / f"{label}.onnx",
-                              calib=calib if uses_data else None,
-                              config={"pipeline": pipeline, "seed": st.seed, "holdout": 0}, mem_cap_mb=cap)
+                              calib=calib if v.uses_data else None,
+                              config={"pipeline": v.pipeline, "seed": st.seed, "holdout": 0,
+                                      "export_format": v.export_format}, mem_cap_mb=cap)
     for label, tag in (("qonnx-w8a8", "first"), ("qonnx-w8a8.rerun", "determinism rerun")):
         say(f"  qonnx w8a8 ({tag})")
         jobs[label] = run_job("qonnx", label, out, model=tdir / "model.onnx", output=out / f"{label}.onnx",
@@ -252,9 +279,10 @@ def latency(rows: list[dict[str, Any]], tdir: Path, st: Settings) -> dict[str, A
 # ---------------------------------------------------------------------------------------------
 # One task
 # ---------------------------------------------------------------------------------------------
-def is_variant(label: str) -> bool:
+def is_variant(name: str, label: str) -> bool:
     """Rows scored on the metric only (the latency table compares the main rows)."""
-    return label.startswith("ort-pertensor-") or any(label in v for v in VARIANTS.values())
+    variant = VARIANTS.get(name, {}).get(label)
+    return label.startswith("ort-pertensor-") or (variant is not None and not variant.timed)
 
 
 def bench_task(tasks_mod: Any, name: str, out_root: Path, st: Settings, cap: float) -> dict[str, Any]:
@@ -281,7 +309,7 @@ def bench_task(tasks_mod: Any, name: str, out_root: Path, st: Settings, cap: flo
 
     fp32_path = tdir / "model.onnx"
     rows: list[dict[str, Any]] = [{"label": "fp32", "path": str(fp32_path), "quant": None}]
-    rows += [{"label": label, "path": res["path"], "quant": res, "variant": is_variant(label)}
+    rows += [{"label": label, "path": res["path"], "quant": res, "variant": is_variant(name, label)}
              for label, res in jobs.items()]
     for row in rows:
         say(f"  evaluating {row['label']}")

@@ -30,7 +30,8 @@ def run_qonnx(spec: dict[str, Any]) -> dict[str, Any]:
 
     cfg = spec["config"]
     result = qonnx.optimize(spec["model"], spec["calib"], pipeline=cfg.get("pipeline", "w8a8"),
-                            seed=cfg.get("seed", 0), holdout=cfg.get("holdout", 0))
+                            seed=cfg.get("seed", 0), holdout=cfg.get("holdout", 0),
+                            export_format=cfg.get("export_format", "qdq"))
     result.save(spec["output"])
     return {
         "pipeline": result.pipeline.canonical(),

@@ -131,9 +131,13 @@ PRESETS: dict[str, tuple[str, str]] = {
         "convs keep int8 weights. Stored as int4 (opset 21): about half the size of w8a8",
     ),
     "w4a16": (
-        "canonicalize,fold-bn,plan{weight_bits=4,activations=float,block_size=32},calibrate-weights{method=mse}",
-        "weight-only int4 in blocks of 32 (MSE scale search), float activations, no data needed; MatMul/Gemm "
+        "canonicalize,fold-bn,plan{weight_bits=4,activations=float,block_size=32},calibrate{weights=mse},adaround",
+        "weight-only int4 in blocks of 32 along K (MSE scale search, AdaRound), float activations; MatMul/Gemm "
         "run as ORT's MatMulNBits",
+    ),
+    "w4a16-rtn": (
+        "canonicalize,fold-bn,plan{weight_bits=4,activations=float,block_size=32},calibrate-weights{method=mse}",
+        "w4a16 without data: round-to-nearest int4 weights",
     ),
     "w8a8-static": (
         "canonicalize,fold-bn,smooth,plan,calibrate,protect,bias-correction",

@@ -199,11 +199,18 @@ def test_gemm_with_bias_becomes_matmul_nbits_with_its_bias():
     np.testing.assert_allclose(run_ort(proto, feed)[0], run_ort(reference.to_onnx(), feed)[0], rtol=1e-4, atol=1e-4)
 
 
-def test_w4a16_preset_is_data_free_and_writes_matmul_nbits(tmp_path):
-    result = optimize(mlp3d(k=64, n=32), None, pipeline="w4a16")
+def test_w4a16_rtn_preset_is_data_free_and_writes_matmul_nbits():
+    result = optimize(mlp3d(k=64, n=32), None, pipeline="w4a16-rtn")
     assert op_counts(result.model).get("MatMulNBits") == 1
     assert result.fusion is not None and result.fusion.integer_ops["MatMulNBits"] == 1
     assert result.size_after < result.size_before
+
+
+def test_w4a16_preset_learns_the_rounding_and_writes_matmul_nbits():
+    proto = mlp3d(k=64, n=32)
+    result = optimize(proto, make_samples(proto, 64), pipeline="w4a16", holdout=0)
+    assert op_counts(result.model).get("MatMulNBits") == 1
+    assert result.records[-1].name == "adaround" and result.records[-1].stats["layers"] == 1
 
 
 def test_export_is_deterministic_for_int4():
