@@ -21,6 +21,10 @@ ROW_NAMES = {
     "qonnx-qop": "qonnx w8a8, QOperator format",
     "qonnx-int-only": "qonnx w8a8-static, integer-only format",
     "qonnx-w8a8-static": "qonnx w8a8-static",
+    "qonnx-mp-uniform-int4": "qonnx uniform int4 weights (nearest)",
+    "qonnx-mp-ilp": "qonnx mixed int4/int8, ILP at size 0.5",
+    "qonnx-mp-greedy": "qonnx mixed int4/int8, greedy at size 0.5",
+    "qonnx-mp-random": "qonnx mixed int4/int8, random at size 0.5",
 }
 
 

@@ -49,6 +49,13 @@ class Variant:
 
 
 W4_NEAREST = "canonicalize,fold-bn,plan{weight_bits=4,keep_8bit=first;last;depthwise},calibrate{weights=mse}"
+# Mixed precision at a weight size halfway between all-int4 and all-int8, against the baselines.
+MIXED = {
+    "qonnx-mp-uniform-int4": Variant("canonicalize,fold-bn,plan{weight_bits=4},calibrate{weights=mse}"),
+    **{f"qonnx-mp-{strategy}": Variant("canonicalize,fold-bn,plan,mixed-precision{size=0.5,strategy=%s},"
+                                       "calibrate{weights=mse}" % strategy)
+       for strategy in ("ilp", "greedy", "random")},
+}
 VARIANTS: dict[str, dict[str, Variant]] = {
     "efficientnet_lite0": {
         "qonnx-pertensor-plain": Variant("canonicalize,fold-bn,smooth,plan{per_channel=false},calibrate,protect"),
@@ -59,11 +66,13 @@ VARIANTS: dict[str, dict[str, Variant]] = {
         "qonnx-w4-nearest": Variant(W4_NEAREST),
         "qonnx-qop": Variant("w8a8", timed=True, export_format="qop"),
         "qonnx-int-only": Variant("w8a8-static", export_format="int-only"),
+        **MIXED,
     },
     "ppocr_cls": {"qonnx-dfq": Variant("dfq", uses_data=False)},
     "ppocr_rec": {
         "qonnx-w4a8": Variant("w4a8", timed=True),
         "qonnx-w4-nearest": Variant(W4_NEAREST),
+        **MIXED,
     },
     "minilm": {"qonnx-w4a16": Variant("w4a16", uses_data=False, timed=True)},
     "fmnist_cnn": {
