@@ -35,14 +35,15 @@ ABSORBED_ACTIVATIONS = frozenset({"Relu", "Clip"})
 
 @dataclass(frozen=True)
 class PlanOptions:
-    weight_bits: int = option(8, "bits of weight integers (4: int4 weights, exported with opset 21)",
-                              choices=(4, 8))
+    weight_bits: int = option(8, "bits of weight integers (4: int4 weights, exported packed with opset 21; "
+                                 "6: a 6-bit grid stored in int8, for accelerators with such weights)",
+                              choices=(4, 6, 8))
     per_channel: bool = option(True, "one weight scale per output channel (else one per tensor)")
     activations: str = option("uint8", "activation type: uint8 (the fast integer one on x86) or float "
                                        "(weight-only quantization)", choices=("uint8", "float"))
     block_size: int = option(0, "MatMul/Gemm weights: one scale per block of this many inputs "
                                 "(0 = per channel); weight-only plans only", choices=(0, 16, 32, 64, 128, 256))
-    keep_8bit: tuple[str, ...] = option((), "with weight_bits=4, layers whose weights stay int8, separated by "
+    keep_8bit: tuple[str, ...] = option((), "with weight_bits below 8, layers whose weights stay int8, separated by "
                                              "';': first, last (in topological order), depthwise (grouped convs "
                                              "with one input channel per group: few weights, large 4-bit error)")
     exclude: tuple[str, ...] = option((), "node names to keep in float, separated by ';'")

@@ -21,6 +21,7 @@ from qonnx.errors import ExportError
 from qonnx.ir import Model
 from qonnx.lowbit import (
     INT4_OPSET,
+    PACKED_BITS,
     export_matmul_nbits,
     low_bit_weights,
     nbits_applies,
@@ -181,7 +182,7 @@ def _export_entries(m: Model, nbits: dict, nbits_accuracy_level: int, pack_int4:
             codes = np.clip(np.rint(values.astype(np.float64) / np.asarray(entry.scale, np.float64)),
                             -(2**31), 2**31 - 1)
         q_name, zp_name = _export_constant(m, tensor, entry, codes)
-        if entry.scheme.bits < 8 and pack_int4:
+        if entry.scheme.bits <= PACKED_BITS and pack_int4:
             int4_initializers.update({q_name: entry.scheme.signed, zp_name: entry.scheme.signed})
         entry.state = QuantState.EXPORTED
     for node_name, entry in sorted(m.quant.dynamic.items()):

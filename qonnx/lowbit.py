@@ -23,8 +23,12 @@ INT4_OPSET = 21  # DequantizeLinear/QuantizeLinear on int4/uint4 and blocked sca
 MS_DOMAIN = "com.microsoft"
 
 
+PACKED_BITS = 4  # grids this narrow are stored two codes per byte; 5-7-bit grids stay in int8 containers
+
+
 def low_bit_weights(model: Model) -> dict[str, TensorQuant]:
-    return {n: e for n, e in model.quant.of_role(Role.WEIGHT).items() if e.scheme.bits < 8}
+    """Weights stored packed (int4/uint4 initializers)."""
+    return {n: e for n, e in model.quant.of_role(Role.WEIGHT).items() if e.scheme.bits <= PACKED_BITS}
 
 
 def with_opset(model: Model, opset: int) -> Model:

@@ -28,7 +28,7 @@ class QuantScheme:
     narrow: bool = True  # symmetric signed grids drop the most negative code
 
     def __post_init__(self) -> None:
-        if self.bits not in (2, 4, 8, 16, 32):
+        if self.bits not in (2, 3, 4, 5, 6, 7, 8, 16, 32):
             raise ValueError(f"unsupported bit width {self.bits}")
         if self.block_size is not None and self.axis is None:
             raise ValueError("block_size needs an axis")
@@ -50,7 +50,7 @@ class QuantScheme:
 
     @property
     def numpy_dtype(self) -> type:
-        # int4/int2 are stored widened; the IR packs them at export time.
+        # Narrower grids are stored widened; the exporter packs 4-bit and narrower ones.
         if self.bits <= 8:
             return np.int8 if self.signed else np.uint8
         return {16: (np.int16, np.uint16), 32: (np.int32, np.uint32)}[self.bits][0 if self.signed else 1]

@@ -16,6 +16,7 @@ from conftest import (
     matmul_mlp,
     op_counts,
     randn,
+    residual_block,
     rng,
     run_ort,
 )
@@ -219,3 +220,33 @@ def test_export_is_deterministic_for_int4():
     b = optimize(conv_bn_relu_conv(), make_samples(conv_bn_relu_conv(), 16), holdout=0,
                  pipeline="canonicalize,fold-bn,plan{weight_bits=4},calibrate").to_bytes()
     assert a == b
+
+
+# ------------------------------------------------------------------------------------------- 6-bit
+def test_six_bit_weights_use_a_6_bit_grid_stored_in_int8_at_the_models_opset():
+    result = optimize(conv_bn_relu_conv(), make_samples(conv_bn_relu_conv(), 16), holdout=0,
+                      pipeline="canonicalize,fold-bn,plan{weight_bits=6},calibrate")
+    entry = result.ir.quant.get("w1")
+    assert (entry.scheme.bits, entry.scheme.qmin, entry.scheme.qmax) == (6, -31, 31)
+    proto = result.model
+    assert next(o.version for o in proto.opset_import if o.domain == "") == result.ir.opset  # no conversion
+    codes = numpy_helper.to_array(next(i for i in proto.graph.initializer if i.name == "w1_quantized"))
+    assert codes.dtype == np.int8 and codes.min() >= -31 and codes.max() <= 31
+    assert codes.max() == 31 or codes.min() == -31  # min/max ranges use the whole 6-bit grid
+    assert result.fusion.integer_ops["QLinearConv"] == 2  # int8 containers: ORT's int8 kernels still apply
+
+
+@pytest.mark.parametrize("builder", [conv_pool_gemm, residual_block])
+def test_bias_correction_removes_most_of_the_mean_output_error_of_4_bit_weights(builder):
+    proto = builder()
+    feed = feed_for(proto, batch=64)
+    reference = run_ort(proto, feed)[0]
+    base = "canonicalize,fold-bn,plan{weight_bits=4},calibrate"
+    errors = []
+    for pipeline in (base, base + ",bias-correction"):
+        out = run_ort(optimize(proto, make_samples(proto, 256), pipeline=pipeline, holdout=0).model, feed)[0]
+        axes = tuple(i for i in range(out.ndim) if i != 1)
+        errors.append(np.linalg.norm(np.mean(out - reference, axis=axes)))  # mean error per output channel
+    # Measured: 0.91 -> 0.53 and 0.13 -> 0.04. (At 6 bits the mean error left is already at the level of
+    # activation rounding and pooling, and correction moves it either way.)
+    assert errors[1] < 0.7 * errors[0]
