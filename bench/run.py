@@ -74,7 +74,7 @@ VARIANTS: dict[str, dict[str, Variant]] = {
         "qonnx-w4-nearest": Variant(W4_NEAREST),
         **MIXED,
     },
-    "minilm": {"qonnx-w4a16": Variant("w4a16", uses_data=False, timed=True)},
+    "minilm": {"qonnx-w4a16": Variant("w4a16", timed=True)},
     "fmnist_cnn": {
         "qonnx-w8a8-static": Variant("w8a8-static", timed=True),
         "qonnx-qop": Variant("w8a8-static", timed=True, export_format="qop"),

@@ -120,3 +120,44 @@ def test_magika_with_int32_input_is_processed():
     feeds = list(iter_feeds(folder, max_samples=32))
     result = qonnx.optimize(folder / "model.onnx", feeds, holdout=8)
     assert result.fidelity["sqnr_db"] > 15, result.fidelity
+
+
+def test_bias_correction_reduces_every_corrected_layers_mean_error_on_held_out_images():
+    """4-bit round-to-nearest Lite0: the shift learned on calibration images also cancels the mean output
+    error of each layer on images it never saw (layer inputs from the float model, as bias correction's)."""
+    import numpy as np
+
+    from qonnx.calibration import open_calibration
+    from qonnx.export import quantized_weight_codes
+    from qonnx.layers import channel_response
+    from qonnx.manager import PassManager
+    from qonnx.ort import stream_tensors
+    from qonnx.quant import dequantize
+
+    folder = prepared("efficientnet_lite0")
+    model = load_model(folder / "model.onnx")
+    calib, held_out = open_calibration(folder / "calib.npz", model).split(64)
+    ctx = PassContext(calibration=calib.head(64), seed=0)
+    model, _ = PassManager(Pipeline.parse("canonicalize,fold-bn,plan{weight_bits=4},calibrate"), []).run(model, ctx)
+    float_graph = model.to_onnx()  # before correction: bias correction edits the biases of the float graph
+    (correction,) = Pipeline.parse("bias-correction").passes
+    model = correction.run(model, ctx).model
+    table, tensors, nodes = model.quant, model.tensors(), {n.name: n for n in model.nodes}
+    layers = [layer for layer in table.layers.values() if layer.bias and table.get(layer.bias).correction is not None]
+    assert len(layers) >= 40
+    inputs = sorted({layer.input for layer in layers})
+    sums: dict[str, np.ndarray] = {}
+    counts: dict[str, int] = {}
+    for _, values in stream_tensors(float_graph, inputs, held_out.batches(8)):
+        for name in inputs:
+            v = values[name]
+            sums[name] = sums.get(name, 0.0) + v.sum(axis=tuple(i for i in range(v.ndim) if i != 1), dtype=np.float64)
+            counts[name] = counts.get(name, 0) + v.size // v.shape[1]
+    for layer in layers:
+        entry = table.get(layer.weight)
+        w = model.constant_value(tensors[layer.weight])
+        approx = dequantize(quantized_weight_codes(entry, w), entry.scale, entry.zero_point, entry.scheme.axis)
+        mean = sums[layer.input] / counts[layer.input]
+        before = channel_response(nodes[layer.node], approx.astype(np.float64) - w, mean)
+        after = before - table.get(layer.bias).correction
+        assert np.linalg.norm(after) < np.linalg.norm(before), layer.node
