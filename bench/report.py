@@ -25,7 +25,7 @@ ROW_NAMES = {
     "qonnx-mp-ilp": "qonnx mixed int4/int8, ILP at size 0.5",
     "qonnx-mp-greedy": "qonnx mixed int4/int8, greedy at size 0.5",
     "qonnx-mp-random": "qonnx mixed int4/int8, random at size 0.5",
-    **{f"qonnx-w{bits}-nearest{suffix}": f"qonnx {bits}-bit weights, nearest{text} (min/max ranges)"
+    **{f"qonnx-w{bits}-rtn{suffix}": f"qonnx {bits}-bit weights, nearest{text} (min/max ranges)"
        for bits in (6, 4) for suffix, text in (("", ""), ("-bc", " + bias correction"))},
 }
 

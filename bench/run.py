@@ -68,7 +68,7 @@ VARIANTS: dict[str, dict[str, Variant]] = {
         "qonnx-int-only": Variant("w8a8-static", export_format="int-only"),
         **MIXED,
         # Bias correction on coarser round-to-nearest grids (issue 3).
-        **{f"qonnx-w{bits}-nearest{'-bc' if bc else ''}": Variant(
+        **{f"qonnx-w{bits}-rtn{'-bc' if bc else ''}": Variant(
             f"canonicalize,fold-bn,plan{{weight_bits={bits}}},calibrate" + (",bias-correction" if bc else ""))
            for bits in (6, 4) for bc in (False, True)},
     },
