@@ -53,7 +53,7 @@ W4_NEAREST = "canonicalize,fold-bn,plan{weight_bits=4,keep_8bit=first;last;depth
 MIXED = {
     "qonnx-mp-uniform-int4": Variant("canonicalize,fold-bn,plan{weight_bits=4},calibrate{weights=mse}"),
     **{f"qonnx-mp-{strategy}": Variant("canonicalize,fold-bn,plan,mixed-precision{size=0.5,strategy=%s},"
-                                       "calibrate{weights=mse}" % strategy)
+                                       "calibrate{weights=mse}" % strategy, timed=strategy == "ilp")
        for strategy in ("ilp", "greedy", "random")},
 }
 VARIANTS: dict[str, dict[str, Variant]] = {
