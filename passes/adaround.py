@@ -33,7 +33,9 @@ MIN_SAMPLES = 16  # images per layer at least, however many rows each gives
 class AdaRoundOptions:
     iterations: int = option(DEFAULT_ITERATIONS, "optimizer steps per layer (the schedule is fitted into the "
                                                  "time budget when they do not fit)")
-    time_budget: float = option(420.0, "seconds for the whole pass, data passes included (0 = no limit)")
+    time_budget: float = option(420.0, "seconds for the whole pass (0 = no limit): the optimizer gets what the "
+                                       "data passes leave; data passes are never cut, so a budget below their "
+                                       "time is overrun")
     samples: int = option(0, "calibration samples for the layer moments (0 = all): with few rows per input "
                              "feature the rounding fits the calibration set, not the task")
     rows_per_input: int = option(256, "a layer stops collecting once its moments hold this many rows per "
