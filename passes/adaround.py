@@ -17,10 +17,19 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from qonnx.adaround import DEFAULT_ITERATIONS, ConvSpec, LayerMoments, adaround_weights
+from qonnx.adaround import (
+    DEFAULT_ITERATIONS,
+    ConvSpec,
+    LayerMoments,
+    adaround_weights,
+    blocks_to_conv_weight,
+    blocks_to_matmul_weight,
+    conv_weight_blocks,
+    matmul_weight_blocks,
+)
 from qonnx.export import export_qdq
 from qonnx.ir import Model
-from qonnx.ort import stream_tensors, truncated
+from qonnx.ort import stream_tensors
 from qonnx.pipeline import Pass, PassResult, option, register
 from qonnx.qtable import LayerQuant, QuantState
 from qonnx.quant import expand_blocked
@@ -56,6 +65,11 @@ class _Layer:
     step_cost: int  # multiply-adds of one optimizer step
 
 
+def _weight_is_kn(node) -> bool:
+    """MatMul and Gemm(transB=0) store W as [K, N] (y = x @ W); Gemm(transB=1) as [N, K] = [O, I]."""
+    return node.op == "MatMul" or (node.op == "Gemm" and not int(node.attrs.get("transB", 0)))
+
+
 def _prepare(model: Model, quant: LayerQuant, node) -> _Layer | None:
     entry = model.quant.get(quant.weight)
     w = model.constant_value(node.inputs[1])
@@ -63,19 +77,18 @@ def _prepare(model: Model, quant: LayerQuant, node) -> _Layer | None:
     if w is None or entry.state is not QuantState.CALIBRATED or not scheme.signed or not scheme.symmetric:
         return None
     scale = np.asarray(entry.scale, np.float64)
-    if scheme.block_size:  # blocked: one scale per weight element, in the [O, I] orientation below
+    if scheme.block_size:  # blocked: one scale per weight element, laid out like the weight blocks below
         scale = expand_blocked(scale, w.shape, scheme.axis, scheme.block_size)
     if node.op == "Conv":
         group = int(node.attrs.get("group", 1))
-        blocks = w.reshape(group, w.shape[0] // group, -1)
+        blocks = conv_weight_blocks(w, group)
         if scale.ndim:
             scale = scale.reshape(group, w.shape[0] // group, 1)
-    elif node.op == "MatMul" or (node.op == "Gemm" and not int(node.attrs.get("transB", 0))):
-        blocks = w.T[None]  # [K, N] -> [1, N, K]
-        scale = scale.T[None] if scale.ndim == 2 else scale
-    elif node.op == "Gemm":
-        blocks = w[None]
-        scale = scale[None] if scale.ndim == 2 else scale
+    elif node.op in ("MatMul", "Gemm"):
+        kn = _weight_is_kn(node)
+        blocks = matmul_weight_blocks(w) if kn else w[None]
+        if scale.ndim == 2:
+            scale = matmul_weight_blocks(scale) if kn else scale[None]
     else:
         return None
     g, o, i = blocks.shape
@@ -143,10 +156,9 @@ class AdaRound(Pass):
             q_names = _quantized_input_names(quant_proto, wave)
             f_names = sorted({layer.quant.input for layer in wave})
             moments = {layer.quant.node: _moments(layer) for layer in wave}
-            f_stream = stream_tensors(truncated(float_proto, f_names), f_names, data.batches(opts.batch_size),
+            f_stream = stream_tensors(float_proto, f_names, data.batches(opts.batch_size), ctx.options.get("threads"))
+            q_stream = stream_tensors(quant_proto, q_names.values(), data.batches(opts.batch_size),
                                       ctx.options.get("threads"))
-            q_stream = stream_tensors(truncated(quant_proto, sorted(set(q_names.values()))), q_names.values(),
-                                      data.batches(opts.batch_size), ctx.options.get("threads"))
             seen = 0
             for (feed, f_values), (_, q_values) in zip(f_stream, q_stream, strict=True):
                 full = 0
@@ -196,7 +208,9 @@ class AdaRound(Pass):
 def _to_graph_layout(codes: np.ndarray, layer: _Layer) -> np.ndarray:
     node = layer.node
     if node.op == "Conv":
-        return codes.reshape(layer.weight.shape).astype(np.int64)
-    if node.op == "MatMul" or not int(node.attrs.get("transB", 0)):
-        return np.ascontiguousarray(codes[0].T).astype(np.int64)
-    return codes[0].astype(np.int64)
+        graph = blocks_to_conv_weight(codes, layer.weight.shape)
+    elif _weight_is_kn(node):
+        graph = blocks_to_matmul_weight(codes)
+    else:
+        graph = codes[0]
+    return graph.astype(np.int64)

@@ -158,15 +158,13 @@ class _Planner:
         return self.opts.weight_bits
 
     def weight_scheme(self, node, w: np.ndarray, axis: int) -> QuantScheme:
-        opts = dataclasses.replace(self.opts, weight_bits=self.weight_bits(node, w))
+        bits, opts = self.weight_bits(node, w), self.opts
         if opts.block_size and node.op in ("MatMul", "Gemm") and w.ndim == 2:
             # Blocks run along the input (K) axis, one scale per block and output channel: ONNX's blocked
             # DequantizeLinear on that axis, and MatMulNBits' layout once transposed to [N, K].
             k_axis = 1 if node.op == "Gemm" and int(node.attrs.get("transB", 0)) else 0
-            return QuantScheme(bits=opts.weight_bits, signed=True, symmetric=True, axis=k_axis,
-                               block_size=opts.block_size)
-        return QuantScheme(bits=opts.weight_bits, signed=True, symmetric=True,
-                           axis=axis if opts.per_channel else None)
+            return QuantScheme(bits=bits, signed=True, symmetric=True, axis=k_axis, block_size=opts.block_size)
+        return QuantScheme(bits=bits, signed=True, symmetric=True, axis=axis if opts.per_channel else None)
 
     def requant(self, node) -> None:
         m = self.model

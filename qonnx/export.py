@@ -43,9 +43,7 @@ def _param_constants(m: Model, base: str, entry: TensorQuant, zp_dtype: type):
     zero_point = np.asarray(entry.zero_point).astype(zp_dtype)
     if entry.scheme.axis is None:
         scale, zero_point = scale.reshape(()), zero_point.reshape(())
-    elif entry.scheme.block_size:  # blocked: the weight's rank, ceil(D/block) on the axis
-        pass
-    else:
+    elif not entry.scheme.block_size:  # blocked ones keep the weight's rank, ceil(D/block) on the axis
         scale, zero_point = scale.reshape(-1), zero_point.reshape(-1)
     return m.make_constant(base + "_scale", scale), m.make_constant(base + "_zero_point", zero_point)
 
@@ -146,10 +144,10 @@ def export_qdq(model: Model, nbits_accuracy_level: int = 0, pack_int4: bool = Tr
         raise ExportError(f"{len(uncalibrated)} tensors have no quantization parameters yet "
                           f"(e.g. '{uncalibrated[0]}'): run a calibration pass before exporting")
     m = model.copy()
-    if any(name not in _nbits_layers(m) and (pack_int4 or e.scheme.block_size)
-           for name, e in low_bit_weights(m).items()):
-        m = with_opset(m, INT4_OPSET)
     nbits = _nbits_layers(m)
+    if any(name not in nbits and (pack_int4 or e.scheme.block_size) for name, e in low_bit_weights(m).items()):
+        m = with_opset(m, INT4_OPSET)
+        nbits = _nbits_layers(m)  # the same layers, as nodes of the converted graph
     int4_initializers: dict[str, bool] = {}
     with m.naming_session():
         _export_entries(m, nbits, nbits_accuracy_level, pack_int4, int4_initializers)

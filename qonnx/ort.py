@@ -132,12 +132,12 @@ def bound_heap_growth() -> None:
 def stream_tensors(proto: onnx.ModelProto, names: Iterable[str], batches: Iterable[dict[str, np.ndarray]],
                    threads: int | None = None) -> Iterator[tuple[dict[str, np.ndarray], dict[str, np.ndarray]]]:
     """Yield (feed, {name: value}) per batch for the named tensors: graph inputs come from the
-    feed, intermediate tensors are exposed as extra outputs of an in-memory session."""
+    feed, intermediate tensors are the outputs of an in-memory session that runs only the nodes they need."""
     bound_heap_growth()
     names = list(names)
     graph_inputs = {i.name for i in proto.graph.input}
     wanted = sorted({n for n in names if n not in graph_inputs})
-    session = (make_session(with_outputs(proto, wanted).SerializeToString(), threads=threads, spinning=False)
+    session = (make_session(truncated(proto, wanted).SerializeToString(), threads=threads, spinning=False)
                if wanted else None)
     for feed in batches:
         values = dict(zip(wanted, session.run(wanted, feed))) if wanted else {}

@@ -67,6 +67,15 @@ def dequantized_weight(ir, name):
     return dequantize(codes, scale, zp, entry.scheme.axis)
 
 
+def float_model_with_dequantized_weights(ir):
+    """A float copy of the IR with every quantized weight replaced by its dequantized value."""
+    reference = ir.copy()
+    for name in ir.quant.of_role(Role.WEIGHT):
+        reference.tensors()[name].values = dequantized_weight(ir, name)
+    reference.quant.clear()
+    return reference
+
+
 # ------------------------------------------------------------------------------------------- plan
 def test_plan_weight_bits_4_gives_int4_symmetric_weights_and_uint8_activations():
     ir = run_pipeline(conv_bn_relu_conv(), "canonicalize,fold-bn,plan{weight_bits=4}")
@@ -140,10 +149,7 @@ def test_int4_qdq_export_uses_opset_21_int4_initializers_and_is_smaller():
 def test_int4_weights_run_in_ort_with_exactly_the_dequantized_values(builder):
     ir = run_pipeline(builder(), W4_WEIGHT_ONLY)
     proto = export_qdq(ir)
-    reference = ir.copy()
-    for name in ir.quant.of_role(Role.WEIGHT):
-        reference.tensors()[name].values = dequantized_weight(ir, name)
-    reference.quant.clear()
+    reference = float_model_with_dequantized_weights(ir)
     feed = feed_for(builder())
     np.testing.assert_allclose(run_ort(proto, feed)[0], run_ort(reference.to_onnx(), feed)[0], rtol=1e-5, atol=1e-5)
 
@@ -192,10 +198,7 @@ def test_gemm_with_bias_becomes_matmul_nbits_with_its_bias():
     assert counts.get("MatMulNBits") == 2 and "Gemm" not in counts
     gemm_node = next(n for n in proto.graph.node if n.op_type == "MatMulNBits" and len(n.input) == 6)
     assert gemm_node.input[3] == gemm_node.input[4] == ""
-    reference = ir.copy()
-    for name in ir.quant.of_role(Role.WEIGHT):
-        reference.tensors()[name].values = dequantized_weight(ir, name)
-    reference.quant.clear()
+    reference = float_model_with_dequantized_weights(ir)
     feed = feed_for(matmul_mlp())
     np.testing.assert_allclose(run_ort(proto, feed)[0], run_ort(reference.to_onnx(), feed)[0], rtol=1e-4, atol=1e-4)
 
