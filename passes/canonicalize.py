@@ -123,6 +123,37 @@ def _static_reshape_targets(model: Model) -> int:
     return folded
 
 
+def _last_axis_softmax(model: Model) -> int:
+    """Reshape(Softmax(Flatten(x, axis=r-1)), Shape(x)) -> Softmax(x, axis=-1).
+
+    Upgrading an opset-11 Softmax to 13 wraps it in Flatten/Reshape, because the old semantics
+    coerced the input to 2-D. Over the last axis both semantics agree, so the plain op is exact and
+    lets later passes see the logits before the Softmax (PP-OCR's CTC head is such a case).
+    """
+    rewritten = 0
+    for softmax in [n for n in model.nodes if n.op in ("Softmax", "LogSoftmax")]:
+        flatten = model.producer(softmax.inputs[0])
+        out = softmax.outputs[0]
+        consumers = model.consumers(out)
+        if flatten is None or flatten.op != "Flatten" or len(consumers) != 1 or model.is_graph_output(out):
+            continue
+        reshape, x = consumers[0], flatten.inputs[0]
+        shape = model.producer(reshape.inputs[1]) if reshape.op == "Reshape" else None
+        # Reshaped to Shape(x), the output has x's shape: either one tells the rank.
+        rank = model.rank_of(x) if model.rank_of(x) is not None else model.rank_of(reshape.outputs[0])
+        if (rank is None or int(flatten.attrs.get("axis", 1)) != rank - 1
+                or int(softmax.attrs.get("axis", -1)) not in (-1, 1) or shape is None or shape.op != "Shape"
+                or shape.inputs[0] is not x or shape.attrs.get("start") or shape.attrs.get("end") is not None
+                or len(model.consumers(flatten.outputs[0])) != 1):
+            continue
+        softmax.inputs[0] = x
+        softmax.attrs["axis"] = -1
+        softmax.outputs[0] = reshape.outputs[0]
+        reshape.outputs.clear()
+        rewritten += 1
+    return rewritten
+
+
 def _is_noop_cast(model: Model, node) -> bool:
     """A Cast to the type its input already has (Keras exports are full of them)."""
     if node.op != "Cast" or "to" not in node.attrs:
@@ -154,7 +185,7 @@ def _drop_identities(model: Model) -> int:
 class Canonicalize(Pass):
     name = "canonicalize"
     summary = ("fold constant subgraphs (Shape chains too), fold zero Pads into Conv, drop Identity/Dropout/no-op Casts, "
-               "2-D MatMul+Add into Gemm")
+               "2-D MatMul+Add into Gemm, last-axis Softmax out of its opset-11 Flatten/Reshape wrapper")
     provides = frozenset({"canonical"})
     exact = True
 
@@ -167,11 +198,13 @@ class Canonicalize(Pass):
         dropped = _drop_identities(model)
         gemms = _matmul_add_to_gemm(model)
         reshapes = _static_reshape_targets(model)
+        softmaxes = _last_axis_softmax(model)
         model.cleanup()
-        if pads or dropped or reshapes:
+        if pads or dropped or reshapes or softmaxes:
             model.cleanup()
             model.fold_constants()
         model.infer_shapes()
-        modified = bool(folded_constants or pads or dropped or gemms or reshapes)
+        modified = bool(folded_constants or pads or dropped or gemms or reshapes or softmaxes)
         return PassResult(model, modified, {"nodes_folded": folded_constants, "pads_into_conv": pads,
-                                            "identities_dropped": dropped, "matmul_add_to_gemm": gemms, "static_reshapes": reshapes, "nodes": len(model.nodes)})
+                                            "identities_dropped": dropped, "matmul_add_to_gemm": gemms, "static_reshapes": reshapes,
+                                            "last_axis_softmaxes": softmaxes, "nodes": len(model.nodes)})

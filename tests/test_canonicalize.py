@@ -383,3 +383,41 @@ def test_batch_size_shape_chain_before_reshape_becomes_a_constant_target():
     assert result.stats["static_reshapes"] == 1 and ops == ["Relu", "Reshape"]
     np.testing.assert_array_equal(run_ort(result.model.to_onnx(), feed)[0], before)
     assert p.run(result.model, PassContext()).modified is False
+
+
+def _opset11_softmax(axis: int):
+    text = """<ir_version: 6, opset_import: ["" : 11]>
+    agraph (float[N,T,1,6] x) => (float[N,T,5] y) {
+        s = Squeeze (x)
+        h = MatMul (s, w)
+        l = Add (h, b)
+        y = Softmax <axis = %d> (l)
+    }""" % axis
+    g = rng(21)
+    # Squeeze without axes hides the rank from shape inference, as in PP-OCR's export.
+    return build_model(text, {"w": randn(g, 6, 5), "b": randn(g, 5)})
+
+
+def test_opset11_last_axis_softmax_loses_its_flatten_reshape_wrapper():
+    # Where the input rank is unknown (as in PP-OCR), the opset 11 -> 13 upgrade wraps Softmax in
+    # Flatten/Reshape (the old 2-D coercion semantics); over the last axis that is an identity, and the logits must stay visible (sensitivity's KL target).
+    model = _opset11_softmax(axis=2)
+    ir = import_proto(model)
+    assert {"Flatten", "Reshape", "Shape"} <= set(op_counts(ir))
+    result = canonicalize(ir)
+    assert result.stats["last_axis_softmaxes"] == 1
+    ops = [n.op for n in result.model.nodes]
+    assert ops == ["Squeeze", "MatMul", "Add", "Softmax"]
+    softmax = result.model.nodes[-1]
+    assert softmax.attrs["axis"] == -1 and softmax.outputs[0].name == "y"
+    feed = {"x": randn(rng(2), 2, 3, 1, 6)}
+    np.testing.assert_allclose(run_ort(result.model.to_onnx(), feed)[0], run_ort(model, feed)[0], rtol=1e-6, atol=1e-7)
+    assert canonicalize(result.model).modified is False
+
+
+def test_opset11_softmax_over_inner_axes_keeps_its_wrapper():
+    # axis=1 on a 3-D input normalizes over T*5 values together: not a last-axis Softmax.
+    ir = import_proto(_opset11_softmax(axis=1))
+    result = canonicalize(ir)
+    assert result.stats["last_axis_softmaxes"] == 0
+    assert {"Flatten", "Reshape"} <= set(op_counts(result.model))
