@@ -5,6 +5,11 @@ folded BatchNorm statistics and an assumed input range (qonnx/moments.py); each
 quantized activation gets the range mean +- `width` standard deviations over its
 channels, cut to hard bounds (clips, sigmoids). Layers whose input cannot be
 estimated (an op the propagation does not know) stay float, with the reason.
+
+A vision model that kept no BatchNorm statistics (a TFLite export has them folded
+away) gives the propagation nothing to anchor deep layers: there, the ranges are
+the min/max over seeded synthetic 1/f-noise images in the input range instead
+(qonnx/synthetic.py). Still no real data is read.
 """
 
 from __future__ import annotations
@@ -12,15 +17,18 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 
-from passes.calibrate import calibrate_weights, set_bias_params
+from passes.calibrate import calibrate_weights, collect_activation_stats, set_bias_params
 from passes.plan import replan_excluding
+from qonnx.calibration import open_calibration
 from qonnx.errors import PreconditionError
 from qonnx.ir import Model
+from qonnx.manager import PassContext
 from qonnx.moments import Moments, propagate_moments
 from qonnx.pipeline import Pass, PassResult, option, register
 from qonnx.qtable import QuantState, Role
 from qonnx.quant import scale_zero_point
-from qonnx.ranges import WEIGHT_METHODS
+from qonnx.ranges import WEIGHT_METHODS, activation_range
+from qonnx.synthetic import image_layout, pink_noise_images
 
 log = logging.getLogger(__name__)
 MOMENTS_ANALYSIS = "moments"
@@ -34,6 +42,38 @@ class EstimateRangesOptions:
         8.0, "activation range = channel mean +- width standard deviations (wide: the independence "
              "assumption underestimates the spread of deep layers without BatchNorm about twofold)")
     weights: str = option("minmax", "weight range method (per channel)", choices=WEIGHT_METHODS)
+    source: str = option("auto", "moments = Gaussian moments from the folded BatchNorm statistics; synthetic = "
+                                 "min/max over seeded 1/f-noise images in input_range (vision models); auto = "
+                                 "synthetic for an image input when the graph kept no BatchNorm statistics, "
+                                 "else moments", choices=("auto", "moments", "synthetic"))
+    samples: int = option(128, "synthetic: how many images to generate")
+
+
+def _image_inputs(model: Model) -> list:
+    return [t for t in model.graph.inputs if image_layout(t.shape) is not None and model.is_float(t)]
+
+
+def resolve_source(model: Model, source: str) -> str:
+    if source == "synthetic":
+        if not model.graph.inputs or len(_image_inputs(model)) != len(model.graph.inputs):
+            raise PreconditionError("estimate-ranges{source=synthetic}: every model input must be an image "
+                                    "([N,C,H,W] or [N,H,W,C], C of 1 or 3, known height and width)")
+        return source
+    if source == "auto":
+        images = model.graph.inputs and len(_image_inputs(model)) == len(model.graph.inputs)
+        return "synthetic" if images and not model.folded_norms else "moments"
+    return source
+
+
+def synthetic_ranges(model: Model, ctx, names: list[str], input_range: tuple[float, float],
+                     samples: int) -> dict:
+    """Statistics of each named tensor over generated images (a private context: no cached statistics leak)."""
+    feeds = {t.name: pink_noise_images(t.shape, samples, input_range, seed=int(ctx.rng(f"synthetic:{t.name}")
+                                                                               .integers(2**31)))
+             for t in model.graph.inputs}
+    data = open_calibration(feeds, model)
+    private = PassContext(calibration=data, seed=ctx.seed, progress=ctx.progress, options=ctx.options)
+    return collect_activation_stats(model, names, private)
 
 
 def moments_for(model: Model, ctx, input_range: tuple[float, float], width: float) -> dict[str, Moments]:
@@ -61,7 +101,8 @@ def _unknown_layers(model: Model, moments: dict[str, Moments]) -> dict[str, str]
 @register
 class EstimateRanges(Pass):
     name = "estimate-ranges"
-    summary = "data-free activation ranges from BatchNorm statistics carried through the graph"
+    summary = ("data-free activation ranges from BatchNorm statistics carried through the graph, or from "
+               "synthetic 1/f-noise images for vision models without them")
     Options = EstimateRangesOptions
     requires = frozenset({"plan"})
     provides = frozenset({"calibrated"})
@@ -74,7 +115,13 @@ class EstimateRanges(Pass):
         if len(opts.input_range) != 2 or not opts.input_range[0] < opts.input_range[1]:
             raise PreconditionError(f"estimate-ranges: input_range must be 'low;high' with low < high, "
                                     f"got {opts.input_range}")
-        moments = moments_for(model, ctx, (float(opts.input_range[0]), float(opts.input_range[1])), opts.width)
+        input_range = (float(opts.input_range[0]), float(opts.input_range[1]))
+        if opts.samples < 1:
+            raise PreconditionError(f"estimate-ranges: samples must be at least 1, got {opts.samples}")
+        source = resolve_source(model, opts.source)
+        if source == "synthetic":
+            return self._synthetic(model, ctx, input_range)
+        moments = moments_for(model, ctx, input_range, opts.width)
         table = model.quant
         kept = _unknown_layers(model, moments)
         if kept:  # plan again without them, keeping the user's exclusions and reasons
@@ -92,5 +139,20 @@ class EstimateRanges(Pass):
             del table.tensors[name]
         calibrate_weights(model, opts.weights)
         set_bias_params(model)
-        return PassResult(model, True, {"activations": len(table.of_role(Role.ACTIVATION)),
+        return PassResult(model, True, {"activations": len(table.of_role(Role.ACTIVATION)), "source": "moments",
                                         "layers_kept_float": len(kept), "activations_without_estimate": unknown})
+
+    def _synthetic(self, model: Model, ctx, input_range: tuple[float, float]) -> PassResult:
+        table = model.quant
+        acts = table.of_role(Role.ACTIVATION)
+        roots = sorted({table.root(n) for n in acts})
+        stats = synthetic_ranges(model, ctx, roots, input_range, self.options.samples)
+        for name, entry in acts.items():
+            # min/max: the generated images carry no outliers worth clipping away.
+            low, high = activation_range(stats[table.root(name)], entry.scheme, "minmax")
+            entry.scale, entry.zero_point = scale_zero_point(low, high, entry.scheme)
+            entry.method, entry.state = "synthetic", QuantState.CALIBRATED
+        calibrate_weights(model, self.options.weights)
+        set_bias_params(model)
+        return PassResult(model, True, {"activations": len(acts), "source": "synthetic",
+                                        "samples": self.options.samples, "layers_kept_float": 0})

@@ -197,3 +197,65 @@ def test_per_channel_bounds_equal_one_call_per_channel():
     for i in range(3):
         alone = clipped_gaussian_moments(mean[i:i + 1], std[i:i + 1], 0.0, float(high[i]))
         assert np.allclose(together[0][i], alone[0]) and np.allclose(together[1][i], alone[1])
+
+
+# --------------------------------------------------------------------------- synthetic images (no BN statistics)
+def test_pink_noise_images_are_deterministic_in_range_and_spatially_correlated():
+    from qonnx.synthetic import pink_noise_images
+
+    a = pink_noise_images([1, 3, 32, 32], 4, (-1.0, 1.0), seed=3)
+    b = pink_noise_images([1, 3, 32, 32], 4, (-1.0, 1.0), seed=3)
+    assert a.shape == (4, 3, 32, 32) and a.dtype == np.float32
+    np.testing.assert_array_equal(a, b)
+    assert a.min() >= -1.0 and a.max() <= 1.0 and a.std() > 0.1
+    # Neighbouring pixels are alike and the colour channels move together, as in photographs.
+    neighbour = np.corrcoef(a[..., :-1].ravel(), a[..., 1:].ravel())[0, 1]
+    channels = np.corrcoef(a[:, 0].ravel(), a[:, 1].ravel())[0, 1]
+    assert neighbour > 0.8 and channels > 0.5
+    nhwc = pink_noise_images([1, 32, 32, 3], 2, (0.0, 255.0), seed=3)
+    assert nhwc.shape == (2, 32, 32, 3) and nhwc.min() >= 0.0 and nhwc.max() <= 255.0
+
+
+@pytest.mark.parametrize("shape", [[1, 4, 8, 8], [1, 3, None, 8], [1, 16], [1, 3, 4, 4]])
+def test_pink_noise_refuses_inputs_that_are_not_images(shape):
+    from qonnx.synthetic import image_layout, pink_noise_images
+
+    assert image_layout(shape) is None
+    with pytest.raises(ValueError, match="synthetic images"):
+        pink_noise_images(shape, 1, (-1.0, 1.0))
+
+
+def _estimate(model, text="plan,estimate-ranges"):
+    ctx = PassContext()
+    result = None
+    for p in Pipeline.parse(text):
+        result = p.run(model, ctx)
+    return result
+
+
+def test_image_model_without_bn_statistics_takes_ranges_from_synthetic_images():
+    from conftest import one_conv
+
+    model = import_proto(one_conv())
+    result = _estimate(model)
+    assert result.stats["source"] == "synthetic" and result.stats["samples"] == 128
+    entries = model.quant.of_role(Role.ACTIVATION)
+    assert entries and all(e.method == "synthetic" and e.state is QuantState.CALIBRATED for e in entries.values())
+    assert model.quant.get("y").zero_point == 0  # the Relu output starts at 0
+    again = import_proto(one_conv())
+    _estimate(again)
+    assert all(np.array_equal(again.quant.get(n).scale, e.scale) for n, e in entries.items())  # deterministic
+
+
+def test_folded_bn_statistics_keep_the_moment_estimate():
+    model = import_proto(conv_bn_relu_conv())
+    assert _estimate(model, "fold-bn,plan,estimate-ranges").stats["source"] == "moments"
+    forced = import_proto(conv_bn_relu_conv())
+    assert _estimate(forced, "fold-bn,plan,estimate-ranges{source=synthetic,samples=4}").stats["source"] == "synthetic"
+
+
+def test_synthetic_source_refuses_a_model_without_image_inputs():
+    with pytest.raises(PreconditionError, match="must be an image"):
+        _estimate(import_proto(depthwise_block()), "plan,estimate-ranges{source=synthetic}")
+    with pytest.raises(PreconditionError, match="samples"):
+        _estimate(import_proto(depthwise_block()), "plan,estimate-ranges{samples=0}")
