@@ -175,6 +175,20 @@ def prepare(out_dir: Path, force: bool = False) -> None:
         save_npz_atomic(out_dir / "eval.npz", {"input": preprocess(vx)})
 
 
+TRAIN_SAMPLES = 20_000  # labelled training images for quantization-aware fine-tuning (qat{train_data=...})
+
+
+def prepare_train(out_dir: Path, force: bool = False, samples: int = TRAIN_SAMPLES) -> Path:
+    """train.npz: `input` (preprocessed) and `labels` of a seeded subset of the 60k training images, for QAT."""
+    path = out_dir / "train.npz"
+    if path.exists() and not force:
+        return path
+    tx, ty, _, _ = load()
+    pick = np.sort(np.random.default_rng(SEED + 2).choice(len(tx), min(samples, len(tx)), replace=False))
+    save_npz_atomic(path, {"input": preprocess(tx[pick]), "labels": ty[pick]})
+    return path
+
+
 def evaluate(
     model_path: Path,
     task_dir: Path,

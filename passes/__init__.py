@@ -13,6 +13,7 @@ from passes import (  # noqa: F401
     mixed_precision,
     plan,
     protect,
+    qat,
     relu6,
     smooth,
 )

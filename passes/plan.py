@@ -31,16 +31,21 @@ SAME_PARAMS_OPS = frozenset({
     "Gather", "Expand", "Tile", "DepthToSpace", "SpaceToDepth",
 })
 ABSORBED_ACTIVATIONS = frozenset({"Relu", "Clip"})
+ACTIVATION_BITS = {"uint8": 8, "uint4": 4, "uint3": 3}
 
 
 @dataclass(frozen=True)
 class PlanOptions:
     weight_bits: int = option(8, "bits of weight integers (4: int4 weights, exported packed with opset 21; "
-                                 "6: a 6-bit grid stored in int8, for accelerators with such weights)",
-                              choices=(4, 6, 8))
+                                 "3: a 3-bit grid, packed in int4 like 4; 6: a 6-bit grid stored in int8, for "
+                                 "accelerators with such weights)", choices=(3, 4, 6, 8))
     per_channel: bool = option(True, "one weight scale per output channel (else one per tensor)")
-    activations: str = option("uint8", "activation type: uint8 (the fast integer one on x86) or float "
-                                       "(weight-only quantization)", choices=("uint8", "float"))
+    # Activation bits are a value of this option, not a field of their own: a new field would change the
+    # canonical pipeline text (and so the bytes) of every existing output.
+    activations: str = option("uint8", "activation type: uint8 (the fast integer one on x86), uint4/uint3 "
+                                       "(a 16/8-level grid held in uint8 and clipped to it; for quantization-aware "
+                                       "training) or float (weight-only quantization)",
+                              choices=("uint8", "uint4", "uint3", "float"))
     block_size: int = option(0, "MatMul/Gemm weights: one scale per block of this many inputs "
                                 "(0 = per channel); weight-only plans only", choices=(0, 16, 32, 64, 128, 256))
     keep_8bit: tuple[str, ...] = option((), "with weight_bits below 8, layers whose weights stay int8, separated by "
@@ -86,7 +91,7 @@ class _Planner:
         self.model, self.opts = model, opts
         self.weight_only = opts.activations == "float"
         self.table = model.quant
-        self.act_scheme = QuantScheme(bits=8, signed=False, symmetric=False)
+        self.act_scheme = QuantScheme(bits=ACTIVATION_BITS.get(opts.activations, 8), signed=False, symmetric=False)
         self.quantizable: set[str] = set()  # tensors that carry quantized values cheaply
 
     def activation(self, tensor, tied_to: str | None = None) -> None:

@@ -94,6 +94,64 @@ def optimize(model: Path, output: Path, calib_data: Path | None, preprocess: str
         write_bytes_atomic(json.dumps(report, indent=2, default=str).encode(), json_out)
 
 
+@main.command()
+@click.argument("model", type=click.Path(dir_okay=False, path_type=Path))
+@click.option("-o", "--output", required=True, type=click.Path(dir_okay=False, path_type=Path),
+              help="Where to write the fine-tuned quantized model.")
+@click.option("--calib-data", required=True, type=click.Path(path_type=Path),
+              help="Calibration inputs (ranges, and the distillation data when there is no --train-data).")
+@click.option("--preset", help="A pipeline preset ending in qat (default w4a8-qat).")
+@click.option("--passes", "passes_text", help="A pipeline text; a qat pass is appended if it has none.")
+@click.option("--train-data", type=click.Path(exists=True, dir_okay=False, path_type=Path),
+              help=".npz of model inputs plus an optional 'labels' array (else: label-free distillation).")
+@click.option("--steps", type=int, help="Optimizer steps.")
+@click.option("--batch-size", type=int)
+@click.option("--lr", type=float, help="Learning rate of the weights (Adam, cosine decay).")
+@click.option("--lr-scale", type=float, help="Learning rate of the LSQ step sizes.")
+@click.option("--time-budget", type=float, help="Seconds for the qat pass (0 = no limit).")
+@click.option("--loss", type=click.Choice(["auto", "ce", "kl", "mse"]))
+@click.option("--dampen", type=float, help="Final oscillation-dampening weight (0 = off).")
+@click.option("--freeze", type=float, help="Initial freezing threshold (0 = off).")
+@click.option("--checkpoint", type=click.Path(dir_okay=False, path_type=Path), help="Checkpoint file (resumed if present).")
+@click.option("--report", type=click.Path(file_okay=False, path_type=Path), help="Folder for the oscillation report.")
+@click.option("--format", "fmt", type=click.Choice(["qdq", "qop", "int-only"]), default="qdq", show_default=True)
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("-v", "--verbose", count=True)
+def finetune(model: Path, output: Path, calib_data: Path, preset: str | None, passes_text: str | None,
+             train_data: Path | None, steps: int | None, batch_size: int | None, lr: float | None,
+             lr_scale: float | None, time_budget: float | None, loss: str | None, dampen: float | None,
+             freeze: float | None, checkpoint: Path | None, report: Path | None, fmt: str, seed: int,
+             verbose: int) -> None:
+    """Quantization-aware fine-tuning of MODEL (needs the qat extra: pip install qonnx-opt[qat])."""
+    _setup_logging(verbose)
+    from qonnx.api import quantize_file
+    from qonnx.pipeline import registry, resolve
+
+    overrides = {k: v for k, v in {
+        "train_data": None if train_data is None else str(train_data), "steps": steps, "batch_size": batch_size,
+        "lr": lr, "lr_scale": lr_scale, "time_budget": time_budget, "loss": loss, "dampen": dampen,
+        "freeze": freeze, "checkpoint": None if checkpoint is None else str(checkpoint),
+        "report": None if report is None else str(report)}.items() if v is not None}
+    try:
+        pipeline = resolve(preset or (None if passes_text else "w4a8-qat"), passes_text)
+        if not any(p.name == "qat" for p in pipeline):
+            pipeline.passes.append(registry()["qat"]())
+        for p in pipeline:
+            if p.name == "qat":
+                p.options = dataclasses.replace(p.options, **overrides)
+        result = quantize_file(model, output, calib_data, pipeline=pipeline, seed=seed, progress=sys.stderr.isatty(),
+                               export_format=fmt)
+    except QonnxError as e:
+        _fail(e)
+        return
+    stats = next((r.stats for r in result.records if r.name == "qat"), {})
+    click.echo(f"pipeline: {result.pipeline}")
+    click.echo("qat: " + ", ".join(f"{k}={v}" for k, v in stats.items()))
+    if result.fidelity:
+        click.echo("fidelity on held-out samples: " + ", ".join(f"{k}={v}" for k, v in result.fidelity.items()))
+    click.echo(f"wrote {output}")
+
+
 @main.command("passes")
 def list_passes() -> None:
     """List passes, their options and the presets."""

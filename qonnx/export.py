@@ -80,6 +80,16 @@ def _export_activation(m: Model, tensor, entry: TensorQuant) -> None:
     quantized = m.make_variable(tensor.name + "_quantized", dtype=dtype, shape=tensor.shape)
     dequantized = m.make_variable(tensor.name + "_dequantized", dtype=np.float32, shape=tensor.shape)
     m.add_node("QuantizeLinear", [tensor, scale, zp], [quantized], name=tensor.name + "_QuantizeLinear")
+    if entry.scheme.bits < 8:
+        # A 3/4-bit grid held in uint8: Q saturates at the type's [0, 255], so a Clip on the codes narrows it
+        # to [qmin, qmax]. Clipping the codes after rounding equals the fake-quant arithmetic exactly (clip and
+        # round commute on integers), and ORT still fuses the layer before (its Q) and after (a DQ input),
+        # which a float Clip before the Q or uint4 Q/DQ (no QLinearConv kernel) would not.
+        narrowed = m.make_variable(tensor.name + "_narrowed", dtype=dtype, shape=tensor.shape)
+        bounds = [m.make_constant(tensor.name + f"_{k}", np.asarray(v, dtype))
+                  for k, v in (("qmin", entry.scheme.qmin), ("qmax", entry.scheme.qmax))]
+        m.add_node("Clip", [quantized, *bounds], [narrowed], name=tensor.name + "_narrow_Clip")
+        quantized = narrowed
     m.add_node("DequantizeLinear", [quantized, scale, zp], [dequantized], name=tensor.name + "_DequantizeLinear")
     for consumer in consumers:
         consumer.inputs = [dequantized if t is tensor else t for t in consumer.inputs]

@@ -113,7 +113,7 @@ PRESETS: dict[str, tuple[str, str]] = {
     "dfq": (
         "canonicalize,fold-bn,plan,estimate-ranges,bias-correction{mode=analytic}",
         "data-free INT8 (no calibration data): activation ranges and bias correction from BatchNorm "
-        "statistics carried through the graph",
+        "statistics carried through the graph (vision models without them: ranges from synthetic images)",
     ),
     "dfq-pertensor": (
         "canonicalize,fold-bn,cle,high-bias-absorption,plan{per_channel=false},estimate-ranges,"
@@ -138,6 +138,17 @@ PRESETS: dict[str, tuple[str, str]] = {
     "w4a16-rtn": (
         "canonicalize,fold-bn,plan{weight_bits=4,activations=float,block_size=32},calibrate-weights{method=mse}",
         "w4a16 without data: round-to-nearest int4 weights",
+    ),
+    "w4a8-qat": (
+        "canonicalize,fold-bn,plan{weight_bits=4,keep_8bit=first;last;depthwise},calibrate{weights=mse},"
+        "qat{time_budget=840,dampen=0.1}",
+        "w4a8 with quantization-aware fine-tuning instead of AdaRound: label-free distillation from the float "
+        "model on the calibration inputs, LSQ step sizes, oscillation dampening; 14-minute budget (needs torch: "
+        "pip install qonnx-opt[qat])",
+    ),
+    "w4a4-qat": (
+        "canonicalize,fold-bn,plan{weight_bits=4,activations=uint4},calibrate{weights=mse},qat{lr=0.001,freeze=0.1}",
+        "int4 weights and 16-level activations, quantization-aware fine-tuning with iterative freezing (needs torch)",
     ),
     "w8a8-static": (
         "canonicalize,fold-bn,smooth,plan,calibrate,protect,bias-correction",

@@ -4,7 +4,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 . scripts/_venv.sh
-python -m pip install -q -e ".[test]"
+python -m pip install -q -e ".[test,qat]"
 bash models/setup.sh -q
 python -m models.prepare --all
 ruff check qonnx passes tests models scripts

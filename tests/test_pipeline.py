@@ -129,7 +129,7 @@ def test_resolve_rejects_preset_and_passes_together_and_unknown_presets():
         ("calibrate{percentile=high}", ["calibrate", "percentile"]),
         ("calibrate{method=kmeans}", ["calibrate", "method", "kmeans"]),
         ("calibrate{weights=entropy}", ["calibrate", "weights", "entropy"]),
-        ("plan{weight_bits=3}", ["plan", "weight_bits"]),
+        ("plan{weight_bits=5}", ["plan", "weight_bits"]),
         ("plan{per_channel}", ["plan", "per_channel"]),
         ("calibrate{method=mse,method=minmax}", ["calibrate", "method"]),
     ],
