@@ -75,7 +75,7 @@ VARIANTS: dict[str, dict[str, Variant]] = {
         "qonnx-dfq": Variant("dfq", uses_data=False),
         "qonnx-dfq-pertensor": Variant("dfq-pertensor", uses_data=False),
         "qonnx-w4a8": Variant("w4a8", timed=True),
-        "qonnx-w4a8-qat": Variant("w4a8-qat"),
+        "qonnx-w4a8-qat": Variant("w4a8-qat"),  # issue 7: AdaRound start + QAT distillation in a 15-minute budget
         "qonnx-w4-nearest": Variant(W4_NEAREST),
         "qonnx-qop": Variant("w8a8", timed=True, export_format="qop"),
         "qonnx-int-only": Variant("w8a8-static", export_format="int-only"),

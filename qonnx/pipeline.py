@@ -141,10 +141,9 @@ PRESETS: dict[str, tuple[str, str]] = {
     ),
     "w4a8-qat": (
         "canonicalize,fold-bn,plan{weight_bits=4,keep_8bit=first;last;depthwise},calibrate{weights=mse},"
-        "qat{time_budget=840,dampen=0.1}",
-        "w4a8 with quantization-aware fine-tuning instead of AdaRound: label-free distillation from the float "
-        "model on the calibration inputs, LSQ step sizes, oscillation dampening; 14-minute budget (needs torch: "
-        "pip install qonnx-opt[qat])",
+        "adaround{time_budget=330},qat{batch_size=8,lr=5e-5,time_budget=480,threads=2}",
+        "w4a8 fine-tuned: AdaRound's rounding as the start, then label-free distillation from the float model on "
+        "the calibration inputs (LSQ step sizes); about 14 minutes (needs torch: pip install qonnx-opt[qat])",
     ),
     "w4a4-qat": (
         "canonicalize,fold-bn,plan{weight_bits=4,activations=uint4},calibrate{weights=mse},qat{lr=0.001,freeze=0.1}",
