@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 import onnx
 
+from passes.transposes import sink_transposes
 from qonnx.ir import Model
 from qonnx.pipeline import Pass, PassResult, register
 
@@ -185,7 +186,8 @@ def _drop_identities(model: Model) -> int:
 class Canonicalize(Pass):
     name = "canonicalize"
     summary = ("fold constant subgraphs (Shape chains too), fold zero Pads into Conv, drop Identity/Dropout/no-op Casts, "
-               "2-D MatMul+Add into Gemm, last-axis Softmax out of its opset-11 Flatten/Reshape wrapper")
+               "2-D MatMul+Add into Gemm, last-axis Softmax out of its opset-11 Flatten/Reshape wrapper, NHWC "
+               "Transpose round trips sunk until they cancel")
     provides = frozenset({"canonical"})
     exact = True
 
@@ -194,17 +196,19 @@ class Canonicalize(Pass):
         model.fold_constants()
         folded_constants = before - len(model.nodes)
         model.infer_shapes()
-        pads = _fold_pad_into_conv(model)
         dropped = _drop_identities(model)
+        transposes = sink_transposes(model)
+        pads = _fold_pad_into_conv(model)
         gemms = _matmul_add_to_gemm(model)
         reshapes = _static_reshape_targets(model)
         softmaxes = _last_axis_softmax(model)
         model.cleanup()
-        if pads or dropped or reshapes or softmaxes:
+        if pads or dropped or reshapes or softmaxes or transposes:
             model.cleanup()
             model.fold_constants()
         model.infer_shapes()
-        modified = bool(folded_constants or pads or dropped or gemms or reshapes or softmaxes)
+        modified = bool(folded_constants or pads or dropped or gemms or reshapes or softmaxes or transposes)
         return PassResult(model, modified, {"nodes_folded": folded_constants, "pads_into_conv": pads,
                                             "identities_dropped": dropped, "matmul_add_to_gemm": gemms, "static_reshapes": reshapes,
-                                            "last_axis_softmaxes": softmaxes, "nodes": len(model.nodes)})
+                                            "last_axis_softmaxes": softmaxes, "transposes_removed": transposes,
+                                            "nodes": len(model.nodes)})

@@ -1,4 +1,5 @@
-"""fold-bn: fold BatchNormalization into the preceding Conv/ConvTranspose/Gemm (exact)."""
+"""fold-bn: fold BatchNormalization (as a node, or decomposed into per-channel Sub/Mul/Add) into the preceding
+Conv/ConvTranspose/Gemm (exact)."""
 
 from __future__ import annotations
 
@@ -29,6 +30,95 @@ def _out_channel_axis(model: Model, layer) -> int | None:
             return None
         return 0 if int(layer.attrs.get("transB", 0)) else 1
     return None
+
+
+def _channel_vector(model: Model, tensor, channels: int, rank: int) -> np.ndarray | None:
+    """A constant that broadcasts along the channel axis (1) only, as a float64 vector of `channels`."""
+    value = model.constant_value(tensor)
+    if value is None or value.dtype.kind != "f" or value.ndim > rank:
+        return None
+    value = np.asarray(value, np.float64)
+    if value.size == 1:
+        return np.full(channels, float(value.reshape(-1)[0]))
+    shape = (1,) * (rank - value.ndim) + value.shape
+    if shape[1] != channels or any(d != 1 for i, d in enumerate(shape) if i != 1):
+        return None
+    return value.reshape(-1)
+
+
+def _affine_chain(model: Model, layer, channels: int, rank: int):
+    """The per-channel Sub/Mul/Add/Div nodes right after a layer, as (nodes, multiplier, offset)."""
+    mult, offset = np.ones(channels), np.zeros(channels)
+    nodes, current = [], layer.outputs[0]
+    while True:
+        consumers = model.consumers(current)
+        if len(consumers) != 1 or model.is_graph_output(current) or model.used_in_subgraph(current):
+            break
+        node = consumers[0]
+        if node.op not in ("Add", "Sub", "Mul", "Div") or len(node.inputs) != 2 or node.inputs[0] is node.inputs[1]:
+            break
+        first = node.inputs[0] is current
+        c = _channel_vector(model, node.inputs[1] if first else node.inputs[0], channels, rank)
+        if c is None:
+            break
+        if node.op == "Add":
+            offset = offset + c
+        elif node.op == "Sub" and first:  # x - c
+            offset = offset - c
+        elif node.op == "Sub":  # c - x
+            mult, offset = -mult, c - offset
+        elif node.op == "Mul":
+            mult, offset = mult * c, offset * c
+        elif first and np.all(c != 0):  # x / c
+            mult, offset = mult / c, offset / c
+        else:
+            break
+        nodes.append(node)
+        current = node.outputs[0]
+    return nodes, mult, offset
+
+
+def fold_affine_chains(model: Model) -> list[str]:
+    """Fold BatchNorm left decomposed as per-channel Sub/Mul/Add (Keras exports) into the layer before it.
+
+    The statistics are gone (only mean and gamma/sigma survive as the Sub and Mul constants), so unlike a
+    BatchNormalization node nothing is recorded for the data-free passes.
+    """
+    folded = []
+    for layer in [n for n in model.nodes if n.op in ("Conv", "ConvTranspose", "Gemm")]:
+        axis = _out_channel_axis(model, layer)
+        weight = layer.inputs[1] if len(layer.inputs) > 1 else None
+        w = model.constant_value(weight)
+        if axis is None or w is None or len(model.consumers(weight)) != 1 or w.dtype.kind != "f":
+            continue
+        channels = w.shape[axis] * (int(layer.attrs.get("group", 1)) if layer.op == "ConvTranspose" else 1)
+        rank = 2 if layer.op == "Gemm" else w.ndim
+        nodes, mult, offset = _affine_chain(model, layer, channels, rank)
+        bias_t = layer.inputs[2] if len(layer.inputs) > 2 and layer.inputs[2].name else None
+        b = model.constant_value(bias_t) if bias_t is not None else np.zeros(channels)
+        if not nodes or b is None or (bias_t is not None and len(model.consumers(bias_t)) != 1):
+            continue
+        if b.size not in (1, channels) or (layer.op == "Gemm" and b.shape not in ((channels,), (1, channels))):
+            continue
+        shape = [1] * w.ndim
+        shape[axis] = -1
+        weight.values = (w.astype(np.float64) * mult.reshape(shape)).astype(w.dtype)
+        new_b = (np.broadcast_to(b.astype(np.float64).reshape(-1), (channels,)) * mult + offset).astype(w.dtype)
+        if bias_t is None:
+            layer.inputs.append(model.make_constant(layer.name + "_bias", new_b))
+        else:
+            bias_t.values = new_b
+        out, layer_out = nodes[-1].outputs[0], layer.outputs[0]
+        layer.outputs[0] = out  # the layer now produces the chain's output tensor directly
+        for node in nodes:
+            node.outputs.clear()
+            node.inputs.clear()
+            model.graph.nodes.remove(node)
+        layer_out.inputs.clear()
+        folded.append(layer.name)
+    if folded:
+        model.cleanup()
+    return folded
 
 
 def fold_batchnorms(model: Model) -> list[str]:
@@ -83,9 +173,11 @@ def fold_batchnorms(model: Model) -> list[str]:
 @register
 class FoldBatchNorm(Pass):
     name = "fold-bn"
-    summary = "fold BatchNormalization into the preceding Conv/ConvTranspose/Gemm (backward, exact)"
+    summary = ("fold BatchNormalization, and BatchNorm left decomposed as per-channel Sub/Mul/Add/Div, into the "
+               "preceding Conv/ConvTranspose/Gemm (backward, exact)")
     exact = True
 
     def run(self, model: Model, ctx) -> PassResult:
         folded = fold_batchnorms(model)
-        return PassResult(model, bool(folded), {"folded": len(folded)})
+        chains = fold_affine_chains(model)
+        return PassResult(model, bool(folded or chains), {"folded": len(folded), "affine_chains_folded": len(chains)})

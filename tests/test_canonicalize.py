@@ -421,3 +421,57 @@ def test_opset11_softmax_over_inner_axes_keeps_its_wrapper():
     result = canonicalize(ir)
     assert result.stats["last_axis_softmaxes"] == 0
     assert {"Flatten", "Reshape"} <= set(op_counts(result.model))
+
+
+# --------------------------------------------------------------------------- NHWC round trips (tf2onnx/Keras)
+def _nhwc_residual_block():
+    """Keras-style: NHWC graph, each Conv wrapped in Transposes, BN decomposed, ReLU6, Pad, residual Add."""
+    g = rng(41)
+    inits = {"w1": randn(g, 4, 4, 1, 1, scale=0.4), "w2": randn(g, 4, 1, 3, 3, scale=0.4),
+             "mean": randn(g, 4), "scale": np.abs(randn(g, 4)) + 0.5, "beta": randn(g, 4),
+             "pads": np.array([0, 1, 1, 0, 0, 1, 1, 0], np.int64),
+             "lo": np.array(0.0, np.float32), "hi": np.array(6.0, np.float32)}
+    return build_model("""
+    agraph (float[N,8,8,4] x) => (float[N,8,8,4] y) {
+        t0 = Transpose <perm = [0, 3, 1, 2]> (x)
+        c1 = Conv <kernel_shape = [1, 1]> (t0, w1)
+        t1 = Transpose <perm = [0, 2, 3, 1]> (c1)
+        s1 = Sub (t1, mean)
+        m1 = Mul (s1, scale)
+        a1 = Add (m1, beta)
+        r1 = Clip (a1, lo, hi)
+        p1 = Pad (r1, pads)
+        t2 = Transpose <perm = [0, 3, 1, 2]> (p1)
+        c2 = Conv <kernel_shape = [3, 3], group = 4> (t2, w2)
+        t3 = Transpose <perm = [0, 2, 3, 1]> (c2)
+        y = Add (x, t3)
+    }""", inits)
+
+
+def test_nhwc_round_trips_cancel_and_leave_a_plain_nchw_chain():
+    model = _nhwc_residual_block()
+    result = canonicalize(import_proto(model))
+    counts = op_counts(result.model)
+    # Inside: Conv -> Sub/Mul/Add -> Clip -> Conv with the Pad folded in; only the layout edges stay transposed.
+    assert counts["Transpose"] == 2 and "Pad" not in counts and counts["Conv"] == 2
+    assert result.stats["transposes_removed"] == 2
+    depthwise = next(n for n in result.model.nodes if n.op == "Conv" and n.attrs.get("group") == 4)
+    assert list(depthwise.attrs["pads"]) == [1, 1, 1, 1]  # the NHWC Pad, permuted, became the Conv's pads
+    assert_same_outputs(model, result.model, batch=2)
+    assert canonicalize(result.model).modified is False
+    folded = registry()["fold-bn"]().run(result.model, PassContext())
+    assert folded.stats["affine_chains_folded"] == 1 and "Sub" not in op_counts(folded.model)
+    assert_same_outputs(model, folded.model, batch=2)
+
+
+def test_a_transpose_that_never_meets_its_inverse_stays_where_it_is():
+    g = rng(42)
+    model = build_model("""
+    agraph (float[N,4,8,8] x) => (float[N,8,8,4] y) {
+        c = Conv <kernel_shape = [1, 1]> (x, w)
+        t = Transpose <perm = [0, 2, 3, 1]> (c)
+        y = Relu (t)
+    }""", {"w": randn(g, 4, 4, 1, 1)})
+    result = canonicalize(import_proto(model))
+    assert result.stats["transposes_removed"] == 0
+    assert [n.op for n in result.model.nodes] == ["Conv", "Transpose", "Relu"]

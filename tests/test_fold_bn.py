@@ -299,3 +299,70 @@ def test_second_run_changes_nothing(builder):
     second = fold(first.model)
     assert second.modified is False
     assert second.model.to_bytes() == data
+
+
+# --------------------------------------------------------------------------- BatchNorm decomposed (Keras)
+def _decomposed_bn_block(seed=31, tail="y = Add (m, beta)", extra=None):
+    g = rng(seed)
+    inits = {"w": randn(g, 6, 3, 3, 3, scale=0.3), "mean": randn(g, 1, 6, 1, 1),
+             "scale": np.abs(randn(g, 1, 6, 1, 1)) + 0.5, "beta": randn(g, 1, 6, 1, 1), **(extra or {})}
+    return build_model("""
+    agraph (float[N,3,8,8] x) => (float[N,6,8,8] y) {
+        c = Conv <kernel_shape = [3, 3], pads = [1, 1, 1, 1]> (x, w)
+        s = Sub (c, mean)
+        m = Mul (s, scale)
+        %s
+    }""" % tail, inits)
+
+
+def test_decomposed_batchnorm_folds_into_the_conv_exactly():
+    model = _decomposed_bn_block()
+    result = fold(import_proto(model))
+    assert result.modified and result.stats["affine_chains_folded"] == 1 and result.stats["folded"] == 0
+    assert op_counts(result.model) == {"Conv": 1}  # the Conv gained a bias and produces y itself
+    assert result.model.outputs[0].name == "y"
+    assert_fold_exact(model, result.model)
+    assert fold(result.model).modified is False  # idempotent
+    assert not result.model.folded_norms  # no statistics survive a decomposed BatchNorm
+
+
+def test_reversed_sub_division_and_scalars_fold_too():
+    g = rng(32)
+    model = build_model("""
+    agraph (float[N,4] x) => (float[N,5] y) {
+        h = Gemm <transB = 1> (x, w, b)
+        a = Mul (two, h)
+        r = Sub (c, a)
+        y = Div (r, d)
+    }""", {"w": randn(g, 5, 4), "b": randn(g, 5), "two": np.array(2.0, np.float32), "c": randn(g, 1, 5),
+           "d": np.abs(randn(g, 5)) + 0.5})
+    result = fold(import_proto(model))
+    assert result.stats["affine_chains_folded"] == 1 and op_counts(result.model) == {"Gemm": 1}
+    assert_fold_exact(model, result.model)
+
+
+@pytest.mark.parametrize("tail, why", [
+    ("y = Add (m, spatial)", "a constant that varies over space is not a per-channel affine"),
+    ("y = Div (m, zeros)", "division by a constant with a zero (inf is not an affine map)"),
+])
+def test_non_channel_affine_tails_stop_the_chain(tail, why):
+    extra = {"spatial": randn(rng(33), 1, 1, 8, 8),
+             "zeros": np.array([1.0, 0.0, 1.0, 2.0, 1.0, 1.0], np.float32).reshape(1, 6, 1, 1)}
+    model = _decomposed_bn_block(tail=tail, extra={k: v for k, v in extra.items() if k in tail})
+    result = fold(import_proto(model))
+    # Sub and Mul still fold; the last node stays, reading the folded Conv.
+    assert result.stats["affine_chains_folded"] == 1, why
+    assert op_counts(result.model) == {"Conv": 1, tail.split()[2]: 1}
+    if "zeros" not in tail:  # x/0 gives inf on both sides: nothing to compare
+        assert_fold_exact(model, result.model)
+
+
+def test_affine_chain_after_a_shared_conv_output_is_kept():
+    g = rng(34)
+    model = build_model("""
+    agraph (float[N,3,8,8] x) => (float[N,3,8,8] y, float[N,3,8,8] z) {
+        y = Conv <kernel_shape = [1, 1]> (x, w)
+        z = Mul (y, scale)
+    }""", {"w": randn(g, 3, 3, 1, 1), "scale": randn(g, 1, 3, 1, 1)})
+    result = fold(import_proto(model))
+    assert result.modified is False and op_counts(result.model) == {"Conv": 1, "Mul": 1}

