@@ -170,14 +170,92 @@ def fold_batchnorms(model: Model) -> list[str]:
     return folded
 
 
+def _forward_target(model: Model, bn):
+    """The Conv/Gemm a BN feeds alone, when folding the BN into its input side is exact (no padding)."""
+    out = bn.outputs[0]
+    consumers = model.consumers(out)
+    if len(consumers) != 1 or model.is_graph_output(out) or model.used_in_subgraph(out):
+        return None
+    layer = consumers[0]
+    if layer.inputs[0] is not out or len(layer.inputs) < 2 or len(model.consumers(layer.inputs[1])) != 1:
+        return None
+    if layer.op == "Conv":
+        auto_pad = layer.attrs.get("auto_pad", "NOTSET")
+        auto_pad = auto_pad.decode() if isinstance(auto_pad, bytes) else auto_pad
+        # Padding adds zeros after the BN, where the fold would add the BN offset instead.
+        if auto_pad not in ("NOTSET", "VALID") or any(int(p) for p in layer.attrs.get("pads", [])):
+            return None
+        return layer
+    if layer.op == "Gemm" and not int(layer.attrs.get("transA", 0)) and \
+            float(layer.attrs.get("alpha", 1.0)) == 1.0 and float(layer.attrs.get("beta", 1.0)) == 1.0:
+        return layer
+    return None
+
+
+def fold_batchnorms_forward(model: Model) -> list[str]:
+    """BN -> Conv/Gemm (a BN on a layer's input): scale the weights' input channels, shift the bias (exact)."""
+    folded = []
+    for bn in [n for n in model.nodes if n.op == "BatchNormalization"]:
+        if len(bn.outputs) != 1 and any(model.consumers(t) for t in bn.outputs[1:]):
+            continue
+        layer = _forward_target(model, bn)
+        affine = _bn_affine(model, bn)
+        w = model.constant_value(layer.inputs[1]) if layer is not None else None
+        if layer is None or affine is None or w is None or w.dtype.kind != "f":
+            continue
+        mult, offset = affine
+        bias_t = layer.inputs[2] if len(layer.inputs) > 2 and layer.inputs[2].name else None
+        if bias_t is not None and (model.constant_value(bias_t) is None or len(model.consumers(bias_t)) != 1):
+            continue
+        w64 = w.astype(np.float64)
+        if layer.op == "Conv":
+            groups = int(layer.attrs.get("group", 1))
+            out_ch, in_per_group = w.shape[0], w.shape[1]
+            if mult.shape[0] != in_per_group * groups or out_ch % groups:
+                continue
+            # Output channel o reads input channels group(o) * in_per_group + j, j < in_per_group.
+            index = (np.arange(out_ch) // (out_ch // groups))[:, None] * in_per_group + np.arange(in_per_group)
+            scale = mult[index].reshape(out_ch, in_per_group, *([1] * (w.ndim - 2)))
+            shift = (w64 * offset[index].reshape(scale.shape)).reshape(out_ch, -1).sum(axis=1)
+            new_w = w64 * scale
+        else:  # Gemm: y = x W (+ b), or x W^T with transB
+            trans_b = int(layer.attrs.get("transB", 0))
+            k_axis = 1 if trans_b else 0
+            if w.ndim != 2 or mult.shape[0] != w.shape[k_axis]:
+                continue
+            new_w = w64 * (mult[None, :] if trans_b else mult[:, None])
+            shift = (w64 @ offset) if trans_b else (offset @ w64)
+        channels = shift.shape[0]
+        b = model.constant_value(bias_t).astype(np.float64) if bias_t is not None else np.zeros(channels)
+        if b.size not in (1, channels):
+            continue
+        layer.inputs[1].values = new_w.astype(w.dtype)
+        new_b = (np.broadcast_to(b.reshape(-1), (channels,)) + shift).astype(w.dtype)
+        if bias_t is None:
+            layer.inputs.append(model.make_constant(layer.name + "_bias", new_b))
+        else:
+            bias_t.values = new_b
+        layer.inputs[0] = bn.inputs[0]
+        bn.outputs.clear()
+        bn.inputs.clear()
+        model.graph.nodes.remove(bn)
+        folded.append(layer.name)
+    if folded:
+        model.cleanup()
+    return folded
+
+
 @register
 class FoldBatchNorm(Pass):
     name = "fold-bn"
     summary = ("fold BatchNormalization, and BatchNorm left decomposed as per-channel Sub/Mul/Add/Div, into the "
-               "preceding Conv/ConvTranspose/Gemm (backward, exact)")
+               "preceding Conv/ConvTranspose/Gemm (backward, exact); a BN with no layer before it into the "
+               "Conv/Gemm after it where that is exact (no padding)")
     exact = True
 
     def run(self, model: Model, ctx) -> PassResult:
         folded = fold_batchnorms(model)
+        forward = fold_batchnorms_forward(model)  # only BNs with no layer before them are left for this
         chains = fold_affine_chains(model)
-        return PassResult(model, bool(folded or chains), {"folded": len(folded), "affine_chains_folded": len(chains)})
+        return PassResult(model, bool(folded or forward or chains),
+                          {"folded": len(folded), "folded_forward": len(forward), "affine_chains_folded": len(chains)})

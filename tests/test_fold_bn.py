@@ -366,3 +366,46 @@ def test_affine_chain_after_a_shared_conv_output_is_kept():
     }""", {"w": randn(g, 3, 3, 1, 1), "scale": randn(g, 1, 3, 1, 1)})
     result = fold(import_proto(model))
     assert result.modified is False and op_counts(result.model) == {"Conv": 1, "Mul": 1}
+
+
+# --------------------------------------------------------------------------- forward folding (BN before the layer)
+def _bn_then(layer_text, inits, in_shape="float[N,4,6,6]", out_shape="float[N,6,4,4]", channels=4, seed=51):
+    g = rng(seed)
+    return build_model("""
+    agraph (%s x) => (%s y) {
+        n = BatchNormalization (x, bn_g, bn_b, bn_m, bn_v)
+        %s
+    }""" % (in_shape, out_shape, layer_text), {**inits(g), **bn_params(g, channels)})
+
+
+@pytest.mark.parametrize("layer_text, inits, out_shape", [
+    ("y = Conv <kernel_shape = [3, 3]> (n, w, b)",
+     lambda g: {"w": randn(g, 6, 4, 3, 3, scale=0.3), "b": randn(g, 6)}, "float[N,6,4,4]"),
+    ("y = Conv <kernel_shape = [3, 3], group = 2> (n, w)",
+     lambda g: {"w": randn(g, 6, 2, 3, 3, scale=0.3)}, "float[N,6,4,4]"),
+    ("y = Conv <kernel_shape = [3, 3], group = 4> (n, w)",
+     lambda g: {"w": randn(g, 8, 1, 3, 3, scale=0.3)}, "float[N,8,4,4]"),
+])
+def test_bn_before_an_unpadded_conv_folds_forward_exactly(layer_text, inits, out_shape):
+    model = _bn_then(layer_text, inits, out_shape=out_shape)
+    result = fold(import_proto(model))
+    assert result.stats["folded_forward"] == 1 and op_counts(result.model) == {"Conv": 1}
+    assert_fold_exact(model, result.model)
+    assert fold(result.model).modified is False
+
+
+@pytest.mark.parametrize("trans_b, shape", [(0, (4, 3)), (1, (3, 4))])
+def test_bn_before_a_gemm_folds_forward_exactly(trans_b, shape):
+    model = _bn_then(f"y = Gemm <transB = {trans_b}> (n, w, b)",
+                     lambda g: {"w": randn(g, *shape), "b": randn(g, 3)}, in_shape="float[N,4]", out_shape="float[N,3]")
+    result = fold(import_proto(model))
+    assert result.stats["folded_forward"] == 1 and op_counts(result.model) == {"Gemm": 1}
+    assert_fold_exact(model, result.model)
+
+
+def test_bn_before_a_padded_conv_is_kept():
+    # Padding inserts zeros after the BN; folded, they would become BN(0) = offset: not exact, so no fold.
+    model = _bn_then("y = Conv <kernel_shape = [3, 3], pads = [1, 1, 1, 1]> (n, w)",
+                     lambda g: {"w": randn(g, 6, 4, 3, 3, scale=0.3)}, out_shape="float[N,6,6,6]")
+    result = fold(import_proto(model))
+    assert result.modified is False and op_counts(result.model) == {"BatchNormalization": 1, "Conv": 1}
