@@ -49,24 +49,24 @@ class EstimateRangesOptions:
     samples: int = option(128, "synthetic: how many images to generate")
 
 
-def _image_inputs(model: Model) -> list:
-    return [t for t in model.graph.inputs if image_layout(t.shape) is not None and model.is_float(t)]
+def _all_inputs_are_images(model: Model) -> bool:
+    inputs = model.graph.inputs
+    return bool(inputs) and all(image_layout(t.shape) is not None and model.is_float(t) for t in inputs)
 
 
 def resolve_source(model: Model, source: str) -> str:
     if source == "synthetic":
-        if not model.graph.inputs or len(_image_inputs(model)) != len(model.graph.inputs):
+        if not _all_inputs_are_images(model):
             raise PreconditionError("estimate-ranges{source=synthetic}: every model input must be an image "
                                     "([N,C,H,W] or [N,H,W,C], C of 1 or 3, known height and width)")
         return source
     if source == "auto":
-        images = model.graph.inputs and len(_image_inputs(model)) == len(model.graph.inputs)
-        return "synthetic" if images and not model.folded_norms else "moments"
+        return "synthetic" if _all_inputs_are_images(model) and not model.folded_norms else "moments"
     return source
 
 
-def synthetic_ranges(model: Model, ctx, names: list[str], input_range: tuple[float, float],
-                     samples: int) -> dict:
+def synthetic_statistics(model: Model, ctx, names: list[str], input_range: tuple[float, float],
+                         samples: int) -> dict:
     """Statistics of each named tensor over generated images (a private context: no cached statistics leak)."""
     feeds = {t.name: pink_noise_images(t.shape, samples, input_range, seed=int(ctx.rng(f"synthetic:{t.name}")
                                                                                .integers(2**31)))
@@ -146,7 +146,7 @@ class EstimateRanges(Pass):
         table = model.quant
         acts = table.of_role(Role.ACTIVATION)
         roots = sorted({table.root(n) for n in acts})
-        stats = synthetic_ranges(model, ctx, roots, input_range, self.options.samples)
+        stats = synthetic_statistics(model, ctx, roots, input_range, self.options.samples)
         for name, entry in acts.items():
             # min/max: the generated images carry no outliers worth clipping away.
             low, high = activation_range(stats[table.root(name)], entry.scheme, "minmax")

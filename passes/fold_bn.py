@@ -32,6 +32,33 @@ def _out_channel_axis(model: Model, layer) -> int | None:
     return None
 
 
+def _set_bias(model: Model, layer, bias_t, values: np.ndarray) -> None:
+    if bias_t is None:
+        layer.inputs.append(model.make_constant(layer.name + "_bias", values))
+    else:
+        bias_t.values = values
+
+
+def _absorb_output_affine(model: Model, layer, axis: int, bias_t, bias: np.ndarray, mult: np.ndarray,
+                          offset: np.ndarray, nodes: list) -> None:
+    """y * mult + offset per output channel into the layer's weight and bias (`bias_t` its bias tensor or None,
+    `bias` the values, size 1 or channels); the layer then produces the output of `nodes[-1]`, and `nodes` go."""
+    weight, w = layer.inputs[1], model.constant_value(layer.inputs[1])
+    shape = [1] * w.ndim
+    shape[axis] = -1
+    weight.values = (w.astype(np.float64) * mult.reshape(shape)).astype(w.dtype)
+    channels = mult.shape[0]
+    _set_bias(model, layer, bias_t,
+              (np.broadcast_to(bias.astype(np.float64).reshape(-1), (channels,)) * mult + offset).astype(w.dtype))
+    layer_out = layer.outputs[0]
+    layer.outputs[0] = nodes[-1].outputs[0]  # the layer now produces the last node's output tensor directly
+    for node in nodes:
+        node.outputs.clear()
+        node.inputs.clear()
+        model.graph.nodes.remove(node)
+    layer_out.inputs.clear()
+
+
 def _channel_vector(model: Model, tensor, channels: int, rank: int) -> np.ndarray | None:
     """A constant that broadcasts along the channel axis (1) only, as a float64 vector of `channels`."""
     value = model.constant_value(tensor)
@@ -51,11 +78,8 @@ def _affine_chain(model: Model, layer, channels: int, rank: int):
     mult, offset = np.ones(channels), np.zeros(channels)
     nodes, current = [], layer.outputs[0]
     while True:
-        consumers = model.consumers(current)
-        if len(consumers) != 1 or model.is_graph_output(current) or model.used_in_subgraph(current):
-            break
-        node = consumers[0]
-        if node.op not in ("Add", "Sub", "Mul", "Div") or len(node.inputs) != 2 or node.inputs[0] is node.inputs[1]:
+        node = model.sole_consumer(current)
+        if node is None or node.op not in ("Add", "Sub", "Mul", "Div") or len(node.inputs) != 2 or node.inputs[0] is node.inputs[1]:
             break
         first = node.inputs[0] is current
         c = _channel_vector(model, node.inputs[1] if first else node.inputs[0], channels, rank)
@@ -100,21 +124,7 @@ def fold_affine_chains(model: Model) -> list[str]:
             continue
         if b.size not in (1, channels) or (layer.op == "Gemm" and b.shape not in ((channels,), (1, channels))):
             continue
-        shape = [1] * w.ndim
-        shape[axis] = -1
-        weight.values = (w.astype(np.float64) * mult.reshape(shape)).astype(w.dtype)
-        new_b = (np.broadcast_to(b.astype(np.float64).reshape(-1), (channels,)) * mult + offset).astype(w.dtype)
-        if bias_t is None:
-            layer.inputs.append(model.make_constant(layer.name + "_bias", new_b))
-        else:
-            bias_t.values = new_b
-        out, layer_out = nodes[-1].outputs[0], layer.outputs[0]
-        layer.outputs[0] = out  # the layer now produces the chain's output tensor directly
-        for node in nodes:
-            node.outputs.clear()
-            node.inputs.clear()
-            model.graph.nodes.remove(node)
-        layer_out.inputs.clear()
+        _absorb_output_affine(model, layer, axis, bias_t, b, mult, offset, nodes)
         folded.append(layer.name)
     if folded:
         model.cleanup()
@@ -146,22 +156,8 @@ def fold_batchnorms(model: Model) -> list[str]:
             continue
         if layer.op == "Gemm" and b.shape != (channels,):
             continue
-        shape = [1] * w.ndim
-        shape[axis] = -1
-        new_w = (w.astype(np.float64) * mult.reshape(shape)).astype(w.dtype)
-        new_b = (b.astype(np.float64) * mult + offset).astype(w.dtype)
-        weight.values = new_w
-        if bias_t is None:
-            layer.inputs.append(model.make_constant(layer.name + "_bias", new_b))
-        else:
-            bias_t.values = new_b
         out = bn.outputs[0]
-        layer_out = layer.outputs[0]
-        layer.outputs[0] = out  # the layer now produces the BN's output tensor directly
-        bn.outputs.clear()
-        bn.inputs.clear()
-        layer_out.inputs.clear()
-        model.graph.nodes.remove(bn)
+        _absorb_output_affine(model, layer, axis, bias_t, b, mult, offset, [bn])
         # The folded layer's output is distributed as N(beta, gamma^2) per channel.
         model.folded_norms[out.name] = FoldedNorm(gamma=gamma.copy(), beta=beta.copy())
         folded.append(layer.name)
@@ -173,11 +169,9 @@ def fold_batchnorms(model: Model) -> list[str]:
 def _forward_target(model: Model, bn):
     """The Conv/Gemm a BN feeds alone, when folding the BN into its input side is exact (no padding)."""
     out = bn.outputs[0]
-    consumers = model.consumers(out)
-    if len(consumers) != 1 or model.is_graph_output(out) or model.used_in_subgraph(out):
-        return None
-    layer = consumers[0]
-    if layer.inputs[0] is not out or len(layer.inputs) < 2 or len(model.consumers(layer.inputs[1])) != 1:
+    layer = model.sole_consumer(out)
+    if (layer is None or layer.inputs[0] is not out or len(layer.inputs) < 2
+            or len(model.consumers(layer.inputs[1])) != 1):
         return None
     if layer.op == "Conv":
         auto_pad = layer.attrs.get("auto_pad", "NOTSET")
@@ -230,11 +224,7 @@ def fold_batchnorms_forward(model: Model) -> list[str]:
         if b.size not in (1, channels):
             continue
         layer.inputs[1].values = new_w.astype(w.dtype)
-        new_b = (np.broadcast_to(b.reshape(-1), (channels,)) + shift).astype(w.dtype)
-        if bias_t is None:
-            layer.inputs.append(model.make_constant(layer.name + "_bias", new_b))
-        else:
-            bias_t.values = new_b
+        _set_bias(model, layer, bias_t, (np.broadcast_to(b.reshape(-1), (channels,)) + shift).astype(w.dtype))
         layer.inputs[0] = bn.inputs[0]
         bn.outputs.clear()
         bn.inputs.clear()

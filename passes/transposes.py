@@ -27,11 +27,6 @@ def _perm(model: Model, node) -> list[int] | None:
     return [int(p) for p in perm]
 
 
-def _single_use(model: Model, tensor) -> bool:
-    return (len(model.consumers(tensor)) == 1 and not model.is_graph_output(tensor)
-            and not model.used_in_subgraph(tensor))
-
-
 def _move_below(model: Model, transposes: list, op, new_inputs: list) -> None:
     """op(T(a), ...) -> T(op(a, ...)): op reads `new_inputs`, the first Transpose now follows op."""
     first = transposes[0]
@@ -52,19 +47,20 @@ def _permuted_constant(value: np.ndarray, perm: list[int]) -> np.ndarray:
     return np.transpose(full, np.argsort(perm))
 
 
-def _step(model: Model, transpose, perm: list[int]):
-    """How the Transpose moves past its single consumer: (kind, consumer, extra) or None if it cannot."""
-    out = transpose.outputs[0]
+def _step(model: Model, out, perm: list[int]):
+    """How a Transpose with output `out` moves past what reads it: (kind, consumer, extra) or None if it cannot.
+
+    "cancel": `out` reaches the inverse Transpose (others reading it get their own copy of the Transpose).
+    """
     if model.is_graph_output(out) or model.used_in_subgraph(out):
         return None
     consumers = model.consumers(out)
     inverses = [c for c in consumers if _is_inverse(model, c, perm)]
-    if len(consumers) > 1:
-        # Shared by an inverse and others: the inverse cancels, each other consumer gets its own copy.
-        return ("split", None, inverses) if inverses else None
-    consumer = consumers[0]
-    if consumer.op == "Transpose":
-        return ("cancel", consumer, None) if inverses else None
+    if inverses:
+        return "cancel", None, inverses
+    consumer = model.sole_consumer(out)
+    if consumer is None or consumer.op == "Transpose":
+        return None
     if consumer.op in UNARY and consumer.inputs[0] is out and all(
             model.is_constant(t) or not t.name for t in consumer.inputs[1:]):
         return "unary", consumer, None
@@ -75,7 +71,7 @@ def _step(model: Model, transpose, perm: list[int]):
             return "constant", consumer, other
         twin = model.producer(other)
         if (twin is not None and twin.op == "Transpose" and _perm(model, twin) == perm
-                and _single_use(model, other)):
+                and model.sole_consumer(other) is consumer):
             return "twin", consumer, twin
         return None
     if consumer.op == "Pad" and consumer.inputs[0] is out:
@@ -95,37 +91,24 @@ def _is_inverse(model: Model, node, perm: list[int]) -> bool:
 
 def _reaches_inverse(model: Model, transpose, perm: list[int]) -> bool:
     """Whether sinking this Transpose ends in its inverse (else moving it would only shuffle the graph)."""
-    current = transpose
+    out = transpose.outputs[0]
     for _ in range(len(model.nodes)):
-        step = _step(model, current, perm)
+        step = _step(model, out, perm)
         if step is None:
             return False
-        if step[0] in ("cancel", "split"):
+        if step[0] == "cancel":
             return True
-        # Past the consumer, the Transpose would sit on the consumer's output: look from there.
-        current = _Virtual(step[1].outputs[0])
+        out = step[1].outputs[0]  # past the consumer, the Transpose would sit on the consumer's output
     return False
 
 
-class _Virtual:
-    """A stand-in Transpose whose output is `tensor` (for looking ahead without editing)."""
-
-    def __init__(self, tensor):
-        self.outputs = [tensor]
-        self.op = "Transpose"
-
-
 def _sink_one(model: Model, transpose, perm: list[int]) -> bool:
-    step = _step(model, transpose, perm)
+    step = _step(model, transpose.outputs[0], perm)
     if step is None:
         return False
     kind, consumer, extra = step
     source = transpose.inputs[0]
     if kind == "cancel":
-        model.replace_uses(consumer.outputs[0], source)
-        consumer.outputs.clear()
-        transpose.outputs.clear()
-    elif kind == "split":
         out = transpose.outputs[0]
         for inverse in extra:
             model.replace_uses(inverse.outputs[0], source)

@@ -215,6 +215,14 @@ class Model:
                     return True
         return False
 
+    def sole_consumer(self, tensor: gs.Tensor) -> gs.Node | None:
+        """The one node reading `tensor`, when nothing else does (no second consumer, graph output or
+        subgraph read): the condition for rewriting a producer/consumer pair in place."""
+        consumers = tensor.outputs
+        if len(consumers) != 1 or self.is_graph_output(tensor) or self.used_in_subgraph(tensor):
+            return None
+        return consumers[0]
+
     def has_subgraphs(self) -> bool:
         return any(_subgraphs(n) for n in self.graph.nodes)
 

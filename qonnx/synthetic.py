@@ -1,7 +1,7 @@
 """Synthetic calibration images for data-free quantization of models without BatchNorm statistics.
 
-Natural images have a power spectrum close to 1/f^alpha with alpha around 2 (amplitude 1/f^(alpha/2)
-... here the amplitude falls as 1/f^a with a drawn in [1, 2]) and strongly correlated colour channels.
+Natural images have an amplitude spectrum close to 1/f (power 1/f^2) and strongly correlated colour
+channels; here each image's amplitude falls as 1/f^a with a drawn in [1, 2].
 Noise with those two properties drives a vision model's activations through ranges much closer to
 real data than the independent-pixel Gaussian assumption of qonnx/moments.py, which overestimates
 early layers and underestimates deep ones several-fold when no folded BatchNorm pins them down.
