@@ -43,6 +43,7 @@ SIZE = 224
 RESIZE = round(SIZE / 0.875)  # 256: the TF/EfficientNet "crop_padding" convention
 N_CALIB = 256
 N_EVAL_CROPS = 520
+N_TRAIN = 2048  # QAT distillation crops (1.2 GB as float32)
 OPENCV_DATA = "usr/share/doc/opencv-doc/examples/data"
 
 # (source, file). Disjoint by file; both lists mix scenes, animals, objects, textures and grey photos.
@@ -187,6 +188,18 @@ def prepare(out_dir: Path, force: bool = False) -> None:
         save_npy_atomic(out_dir / "eval_labels.npy", labels)
         save_json_atomic(out_dir / "eval_meta.json", meta)
         save_npz_atomic(out_dir / "eval.npz", {"input": x})
+
+
+def prepare_train(out_dir: Path, force: bool = False, samples: int = N_TRAIN) -> Path:
+    """train.npz: more unlabelled crops of the *calibration* photos (another seed), for label-free QAT
+    distillation; evaluation photos stay unseen."""
+    path = out_dir / "train.npz"
+    if path.exists() and not force:
+        return path
+    photos = [load_rgb(photo_path(*p)) for p in CALIB_PHOTOS]
+    x, _ = random_crops(photos, samples, seed=2)
+    save_npz_atomic(path, {"input": x})
+    return path
 
 
 def evaluate(

@@ -38,6 +38,8 @@ class Task:
     prepare: PrepareFn
     evaluate: EvaluateFn
     robustness: bool = False  # True: a graph-coverage case; its "eval set" is calib.npz
+    # `prepare_train(out_dir, force=False)` writes train.npz beside the task's data (QAT); None: no training set.
+    prepare_train: Callable[..., Path] | None = None
 
 
 _TASKS: tuple[Task, ...] = (
@@ -47,6 +49,7 @@ _TASKS: tuple[Task, ...] = (
         "top1_agreement",
         images.prepare,
         images.evaluate,
+        prepare_train=images.prepare_train,
     ),
     Task(
         "ppocr_rec",
@@ -75,6 +78,7 @@ _TASKS: tuple[Task, ...] = (
         "accuracy",
         fmnist.prepare,
         fmnist.evaluate,
+        prepare_train=fmnist.prepare_train,
     ),
     Task(
         "silero_vad",

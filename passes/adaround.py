@@ -82,7 +82,9 @@ def _prepare(model: Model, quant: LayerQuant, node) -> _Layer | None:
     if node.op == "Conv":
         group = int(node.attrs.get("group", 1))
         blocks = conv_weight_blocks(w, group)
-        if scale.ndim:
+        if scale.ndim == w.ndim:  # blocked: per element, in the blocks' layout
+            scale = conv_weight_blocks(scale, group)
+        elif scale.ndim:
             scale = scale.reshape(group, w.shape[0] // group, 1)
     elif node.op in ("MatMul", "Gemm"):
         kn = _weight_is_kn(node)

@@ -46,8 +46,11 @@ class PlanOptions:
                                        "(a 16/8-level grid held in uint8 and clipped to it; for quantization-aware "
                                        "training) or float (weight-only quantization)",
                               choices=("uint8", "uint4", "uint3", "float"))
-    block_size: int = option(0, "MatMul/Gemm weights: one scale per block of this many inputs "
-                                "(0 = per channel); weight-only plans only", choices=(0, 16, 32, 64, 128, 256))
+    block_size: int = option(0, "one weight scale per block of this many inputs and output channel (0 = per "
+                                "channel): MatMul/Gemm weights, and Conv weights below 8 bits with at least that "
+                                "many input channels per group (their layers run in float after the blocked "
+                                "DequantizeLinear; 8-bit Convs keep per-channel scales for QLinearConv)",
+                             choices=(0, 16, 32, 64, 128, 256))
     keep_8bit: tuple[str, ...] = option((), "with weight_bits below 8, layers whose weights stay int8, separated by "
                                              "';': first, last (in topological order), depthwise (grouped convs "
                                              "with one input channel per group: few weights, large 4-bit error)")
@@ -82,9 +85,6 @@ def absorbed_output(model: Model, node):
 
 class _Planner:
     def __init__(self, model: Model, opts: PlanOptions):
-        if opts.block_size and opts.activations != "float":
-            raise PreconditionError("pass 'plan': block_size needs activations=float (ORT's integer kernels "
-                                    "take one weight scale per channel)")
         unknown = sorted(set(opts.keep_8bit) - {"first", "last", "depthwise"})
         if unknown:
             raise PreconditionError(f"pass 'plan': keep_8bit takes first, last and depthwise, not {unknown}")
@@ -124,7 +124,9 @@ class _Planner:
                 return self.keep_float(node, "shared weight used with a different layout")
             self.table.set(w_t.name, TensorQuant(Role.WEIGHT, scheme))
             weight_name = w_t.name
-            if node.op in ("Conv", "Gemm") and len(node.inputs) > 2 and node.inputs[2].name:
+            # A blocked weight has no one scale per output channel for an int32 bias: the bias stays float.
+            if node.op in ("Conv", "Gemm") and len(node.inputs) > 2 and node.inputs[2].name \
+                    and not scheme.block_size:
                 b = m.constant_value(node.inputs[2])
                 channels = w.shape[axis]
                 if b is None or b.shape != (channels,) or len(m.consumers(node.inputs[2])) != 1:
@@ -164,6 +166,10 @@ class _Planner:
 
     def weight_scheme(self, node, w: np.ndarray, axis: int) -> QuantScheme:
         bits, opts = self.weight_bits(node, w), self.opts
+        if opts.block_size and node.op == "Conv" and bits < 8 and w.shape[1] >= opts.block_size:
+            # Blocks along the input channels of each output channel (and kernel tap): ONNX's blocked
+            # DequantizeLinear on axis 1. 4-bit Convs do not run as QLinearConv anyway.
+            return QuantScheme(bits=bits, signed=True, symmetric=True, axis=1, block_size=opts.block_size)
         if opts.block_size and node.op in ("MatMul", "Gemm") and w.ndim == 2:
             # Blocks run along the input (K) axis, one scale per block and output channel: ONNX's blocked
             # DequantizeLinear on that axis, and MatMulNBits' layout once transposed to [N, K].

@@ -19,6 +19,7 @@ from conftest import (
     residual_block,
     rng,
     run_ort,
+    sqnr,
 )
 from onnx import numpy_helper
 
@@ -110,12 +111,53 @@ def test_weight_only_plan_quantizes_weights_and_nothing_else():
     assert all(layer.bias is None for layer in ir.quant.layers.values())
 
 
-def test_block_size_blocks_matmul_weights_along_k_and_needs_float_activations():
-    ir = run_pipeline(mlp3d(), "plan{weight_bits=4,activations=float,block_size=16}")
-    scheme = ir.quant.get("w").scheme
-    assert (scheme.axis, scheme.block_size) == (0, 16)
-    with pytest.raises(PreconditionError, match="block_size needs activations=float"):
-        run_pipeline(mlp3d(), "plan{weight_bits=4,block_size=16}")
+def test_block_size_blocks_matmul_weights_along_k():
+    for plan in ("plan{weight_bits=4,activations=float,block_size=16}", "plan{weight_bits=4,block_size=16}"):
+        scheme = run_pipeline(mlp3d(), plan).quant.get("w").scheme
+        assert (scheme.axis, scheme.block_size) == (0, 16)
+
+
+def wide_convs(seed: int = 11) -> onnx.ModelProto:
+    """x[1,32,6,6] -> Conv(32->24, 1x1, bias) -> Relu -> Conv(24->8, 3x3, pad 1, bias) -> y."""
+    g = rng(seed)
+    return build_model("""
+    agraph (float[1,32,6,6] x) => (float[1,8,6,6] y) {
+        c1 = Conv <kernel_shape = [1, 1]> (x, w1, b1)
+        r1 = Relu (c1)
+        y = Conv <kernel_shape = [3, 3], pads = [1, 1, 1, 1]> (r1, w2, b2)
+    }""", {"w1": randn(g, 24, 32, 1, 1, scale=0.3), "b1": randn(g, 24, scale=0.1),
+           "w2": randn(g, 8, 24, 3, 3, scale=0.2), "b2": randn(g, 8, scale=0.1)})
+
+
+def test_block_size_blocks_low_bit_conv_weights_along_input_channels_and_keeps_their_bias_float():
+    ir = run_pipeline(wide_convs(), "plan{weight_bits=4,block_size=16}")
+    assert (ir.quant.get("w1").scheme.axis, ir.quant.get("w1").scheme.block_size) == (1, 16)
+    assert (ir.quant.get("w2").scheme.axis, ir.quant.get("w2").scheme.block_size) == (1, 16)
+    assert ir.quant.get("b1") is None and all(layer.bias is None for layer in ir.quant.layers.values())
+    # 8-bit Convs keep one scale per output channel (QLinearConv), and so does a Conv with fewer inputs than a block.
+    ir8 = run_pipeline(wide_convs(), "plan{block_size=16}")
+    assert ir8.quant.get("w1").scheme.axis == 0 and not ir8.quant.get("w1").scheme.block_size
+    assert ir8.quant.get("b1") is not None
+    small = run_pipeline(conv_bn_relu_conv(), "canonicalize,fold-bn,plan{weight_bits=4,block_size=16}")
+    assert not small.quant.get("w2").scheme.block_size
+
+
+def test_blocked_int4_conv_weights_learn_their_rounding_and_run_in_ort():
+    samples = make_samples(wide_convs(), 32)
+    feed = feed_for(wide_convs())
+    reference = run_ort(wide_convs(), feed)[0]
+    results = {}
+    for block in (0, 16):
+        result = optimize(wide_convs(), samples, holdout=0, pipeline=(
+            f"plan{{weight_bits=4,block_size={block}}},calibrate{{weights=mse}},adaround{{iterations=300}}"))
+        dq = [n for n in result.model.graph.node if n.op_type == "DequantizeLinear" and "w1" in n.input[0]]
+        attrs = {a.name: a.i for a in dq[0].attribute}
+        assert attrs == ({"axis": 1, "block_size": 16} if block else {"axis": 0})
+        scale = next(i for i in result.model.graph.initializer if i.name == "w1_scale")
+        assert list(scale.dims) == ([24, 2, 1, 1] if block else [24])
+        assert result.records[-1].stats["median_loss_vs_nearest"] < 1.0
+        results[block] = sqnr(reference, run_ort(result.model, feed)[0])
+    assert results[16] > results[0] > 15.0  # finer scales, smaller weight error
 
 
 def test_calibrate_weights_refuses_a_plan_with_activations():

@@ -179,6 +179,58 @@ def test_bn_statistics_are_reestimated_when_bn_is_kept():
     assert not np.allclose(result.ir.constant_value(result.ir.tensors()["bn_m"]), mean)
 
 
+def prepared_w4a4(proto=None, n=96):
+    ir = import_proto(proto or classifier())
+    ctx = PassContext(calibration=open_calibration(samples(n), ir), seed=0)
+    ir, _ = PassManager(Pipeline.parse(W4A4), []).run(ir, ctx)
+    return ir
+
+
+@pytest.mark.parametrize("bias_correction,kept_bn,reserved_steps", [
+    (False, False, 0.0),  # folded BN, no correction: nothing runs after training
+    # 3 batches (of the 6 in 96 samples) x (the float model + the student up to each of the 4 layers, half a
+    # forward on average) x half a step
+    (True, False, 4.5),
+    (False, True, 1.5),  # BN re-estimation: 3 batches x 1 forward pass x half a step
+])
+def test_time_budget_keeps_time_only_for_the_finish_that_runs(monkeypatch, bias_correction, kept_bn, reserved_steps):
+    ir = prepared_w4a4() if not kept_bn else optimize(
+        classifier(), samples(), pipeline="canonicalize,plan{weight_bits=4,activations=uint4},calibrate", holdout=0,
+        check_fusion=False).ir
+    config = TrainConfig(steps=1000, batch_size=16, bn_batches=3, bias_correction=bias_correction, time_budget=100.0)
+    trainer = Trainer(ir, samples(), None, config)
+    monkeypatch.setattr("qonnx.qat.train.time.perf_counter", lambda: 20.0)
+    # 10 steps took 10 s of the 20 s spent so far: 80 s left, 1 s a step, less the finish.
+    assert trainer._fit_budget(10, 1000, 0, 10.0, 0.0) == 10 + int(80 - reserved_steps)
+
+
+def test_bias_correction_zeroes_every_corrected_layers_mean_error_on_its_batches():
+    from qonnx.qat.train import _channel_means
+
+    ir = prepared_w4a4()
+    trainer = Trainer(ir, samples(), None, TrainConfig(steps=5, batch_size=16, bn_batches=2, bias_correction=True))
+    assert trainer.run().stats["bias_corrected"] == 4
+    student = trainer.student.module.eval()
+    teacher = student.__class__(prepared_w4a4()).eval()  # the float model (BN folded, like the student)
+    batches = [trainer.inputs_batch(i) for i in range(2)]
+    with torch.no_grad():
+        for bias, out in trainer._corrected_layers():  # deeper layers see the earlier layers' corrections
+            error = sum(_channel_means(student.capture_run(b, [out])[out]) - _channel_means(
+                teacher.capture_run(b, [out])[out]) for b in batches) / len(batches)
+            act, weight = student.weight_hook(bias)._refs  # the int32 bias grid is s_x * s_w
+            step = (act.scale * weight.step_size()).reshape(-1).double()
+            assert torch.all(error.abs() <= 0.5 * step + 1e-6), (out, error, step)
+
+
+def test_distillation_targets_are_the_float_models_outputs():
+    from qonnx.qat.train import _teacher_outputs
+
+    ir = prepared_w4a4()
+    feed = samples(40, seed=3)
+    got = _teacher_outputs(ir, ["x"], [feed["x"]], 16, 1).numpy()
+    np.testing.assert_allclose(got, run_ort(classifier(), feed)[0], rtol=1e-5, atol=1e-5)
+
+
 @pytest.mark.parametrize("options,error,match", [
     ("steps=0", PreconditionError, "steps"),
     ("freeze=0.01,freeze_final=0.1", PreconditionError, "freeze_final"),

@@ -37,6 +37,10 @@ def unsupported_ops(model: Model) -> list[str]:
     return sorted({n.op for n in model.nodes if n.op not in OPS})
 
 
+class _Captured(Exception):
+    """Ends a capture run early, once every requested tensor is computed."""
+
+
 class GraphModule(nn.Module):
     """The float graph as a torch module: forward(*inputs) -> list of graph outputs."""
 
@@ -79,6 +83,7 @@ class GraphModule(nn.Module):
         self.bn_stats: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
         self.bn_collect: dict[str, list] | None = None
         self._capture: dict[str, torch.Tensor | None] | None = None
+        self._capture_left: set[str] | None = None
 
     # ---------------------------------------------------------------- access by name
     def parameter(self, name: str) -> nn.Parameter:
@@ -132,6 +137,10 @@ class GraphModule(nn.Module):
     def _produced(self, name: str, value: torch.Tensor, env: dict) -> None:
         if self._capture is not None and name in self._capture:
             self._capture[name] = value  # before its fake quantizer: what the node computed
+            if self._capture_left is not None:
+                self._capture_left.discard(name)
+                if not self._capture_left:
+                    raise _Captured
         hook = self.act_hook(name)
         env[name] = hook(value) if hook is not None else value
 
@@ -159,14 +168,19 @@ class GraphModule(nn.Module):
             return batch_norm(ins, step.attrs, step.consts, (mean, var))
         return batch_norm(ins, step.attrs, step.consts, self.bn_stats.get(step.name))
 
-    def capture_run(self, inputs: list[torch.Tensor], names: list[str]) -> dict[str, torch.Tensor]:
-        """Run once and return the named intermediate tensors (as computed, before any activation quantizer)."""
+    def capture_run(self, inputs: list[torch.Tensor], names: list[str], stop_early: bool = False
+                    ) -> dict[str, torch.Tensor]:
+        """Run once and return the named intermediate tensors (as computed, before any activation quantizer);
+        with `stop_early` the run ends as soon as they are all computed."""
         self._capture = dict.fromkeys(names)
+        self._capture_left = set(names) if stop_early else None
         try:
             self(*inputs)
-            return dict(self._capture)
+        except _Captured:
+            pass
         finally:
-            self._capture = None
+            captured, self._capture, self._capture_left = self._capture, None, None
+        return dict(captured)
 
     def batch_norm_steps(self) -> list[_Step]:
         return [s for s in self.steps if s.op == "BatchNormalization"]
