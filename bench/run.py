@@ -79,9 +79,8 @@ VARIANTS: dict[str, dict[str, Variant]] = {
         "qonnx-w4a8-block32": Variant(W4_BLOCK32 + ",adaround"),
         # Issue 7: AdaRound start, then QAT distilled from the float model on 2,048 unlabelled crops of the
         # calibration photos (models.images.prepare_train), the whole pipeline in a 15-minute budget.
-        "qonnx-w4a8-qat": Variant(W4_NEAREST.replace("calibrate{weights=mse}", "calibrate{weights=mse},") +
-                                  "adaround{time_budget=330},qat{batch_size=8,lr=2e-5,time_budget=480,threads=2,"
-                                  "train_data=@task/train.npz}"),
+        "qonnx-w4a8-qat": Variant(W4_NEAREST + ",adaround{time_budget=330},qat{batch_size=8,lr=2e-5,time_budget=480,"
+                                  "threads=2,train_data=@task/train.npz}"),
         "qonnx-w4-nearest": Variant(W4_NEAREST),
         "qonnx-qop": Variant("w8a8", timed=True, export_format="qop"),
         "qonnx-int-only": Variant("w8a8-static", export_format="int-only"),

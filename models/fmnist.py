@@ -180,13 +180,11 @@ TRAIN_SAMPLES = 20_000  # labelled training images for quantization-aware fine-t
 
 def prepare_train(out_dir: Path, force: bool = False, samples: int = TRAIN_SAMPLES) -> Path:
     """train.npz: `input` (preprocessed) and `labels` of a seeded subset of the 60k training images, for QAT."""
-    path = out_dir / "train.npz"
-    if path.exists() and not force:
-        return path
-    tx, ty, _, _ = load()
-    pick = np.sort(np.random.default_rng(SEED + 2).choice(len(tx), min(samples, len(tx)), replace=False))
-    save_npz_atomic(path, {"input": preprocess(tx[pick]), "labels": ty[pick]})
-    return path
+    if needs(out_dir, force, "train.npz"):
+        tx, ty, _, _ = load()
+        pick = np.sort(np.random.default_rng(SEED + 2).choice(len(tx), min(samples, len(tx)), replace=False))
+        save_npz_atomic(out_dir / "train.npz", {"input": preprocess(tx[pick]), "labels": ty[pick]})
+    return out_dir / "train.npz"
 
 
 def evaluate(

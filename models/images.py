@@ -193,13 +193,11 @@ def prepare(out_dir: Path, force: bool = False) -> None:
 def prepare_train(out_dir: Path, force: bool = False, samples: int = N_TRAIN) -> Path:
     """train.npz: more unlabelled crops of the *calibration* photos (another seed), for label-free QAT
     distillation; evaluation photos stay unseen."""
-    path = out_dir / "train.npz"
-    if path.exists() and not force:
-        return path
-    photos = [load_rgb(photo_path(*p)) for p in CALIB_PHOTOS]
-    x, _ = random_crops(photos, samples, seed=2)
-    save_npz_atomic(path, {"input": x})
-    return path
+    if needs(out_dir, force, "train.npz"):
+        photos = [load_rgb(photo_path(*p)) for p in CALIB_PHOTOS]
+        x, _ = random_crops(photos, samples, seed=2)
+        save_npz_atomic(out_dir / "train.npz", {"input": x})
+    return out_dir / "train.npz"
 
 
 def evaluate(

@@ -131,11 +131,15 @@ def fold_affine_chains(model: Model) -> list[str]:
     return folded
 
 
+def _inference_batchnorms(model: Model) -> list:
+    """BatchNormalization nodes whose training outputs (running mean/var) nobody reads."""
+    return [n for n in model.nodes if n.op == "BatchNormalization"
+            and not any(model.consumers(t) for t in n.outputs[1:])]
+
+
 def fold_batchnorms(model: Model) -> list[str]:
     folded = []
-    for bn in [n for n in model.nodes if n.op == "BatchNormalization"]:
-        if len(bn.outputs) != 1 and any(model.consumers(t) for t in bn.outputs[1:]):
-            continue
+    for bn in _inference_batchnorms(model):
         layer = model.producer(bn.inputs[0])
         if layer is None or len(model.consumers(bn.inputs[0])) != 1 or model.is_graph_output(bn.inputs[0]):
             continue
@@ -189,9 +193,7 @@ def _forward_target(model: Model, bn):
 def fold_batchnorms_forward(model: Model) -> list[str]:
     """BN -> Conv/Gemm (a BN on a layer's input): scale the weights' input channels, shift the bias (exact)."""
     folded = []
-    for bn in [n for n in model.nodes if n.op == "BatchNormalization"]:
-        if len(bn.outputs) != 1 and any(model.consumers(t) for t in bn.outputs[1:]):
-            continue
+    for bn in _inference_batchnorms(model):
         layer = _forward_target(model, bn)
         affine = _bn_affine(model, bn)
         w = model.constant_value(layer.inputs[1]) if layer is not None else None

@@ -24,7 +24,7 @@ import torch.nn.functional as F
 
 from qonnx.errors import InputError, PreconditionError
 from qonnx.ir import Model
-from qonnx.ort import make_session
+from qonnx.ort import make_session, run_batches
 from qonnx.qat.model import Student, write_back
 from qonnx.qat.oscillations import dampening_weight, freeze_threshold
 
@@ -115,9 +115,9 @@ def _teacher_outputs(model: Model, names: list[str], inputs: list[np.ndarray], b
     torch interpreter on CPU (EfficientNet-Lite0: ~10 vs ~60 ms an image), and the targets need no gradient."""
     session = make_session(model.to_bytes(), threads=threads, spinning=False)
     first = model.outputs[0].name
-    outs = [session.run([first], {n: a[start:start + batch] for n, a in zip(names, inputs, strict=True)})[0]
-            for start in range(0, len(inputs[0]), batch)]
-    return torch.from_numpy(np.concatenate(outs))
+    feeds = ({n: a[start:start + batch] for n, a in zip(names, inputs, strict=True)}
+             for start in range(0, len(inputs[0]), batch))
+    return torch.from_numpy(np.concatenate([out[first] for out in run_batches(session, feeds, [first])]))
 
 
 def _channel_means(v: torch.Tensor) -> torch.Tensor:
@@ -322,13 +322,7 @@ class Trainer:
     def _corrected_layers(self) -> list[tuple[str, str]]:
         """(bias parameter, layer output) of the layers bias correction shifts, in graph order."""
         module = self.student.module
-        order = {step.name: i for i, step in enumerate(module.steps)}
-        layers = [(order[lq.node], lq.bias, self._node_output(lq.node)) for lq in self.model.quant.layers.values()
-                  if lq.bias and lq.bias in module.param_keys and lq.node in order]
-        return [(bias, out) for _, bias, out in sorted(layers) if out]
-
-    def _node_output(self, node_name: str) -> str | None:
-        for step in self.student.module.steps:
-            if step.name == node_name:
-                return step.outputs[0]
-        return None
+        steps = {step.name: (i, step.outputs[0]) for i, step in enumerate(module.steps) if step.outputs}
+        layers = sorted((*steps[lq.node], lq.bias) for lq in self.model.quant.layers.values()
+                        if lq.bias and lq.bias in module.param_keys and lq.node in steps)
+        return [(bias, out) for _, out, bias in layers if out]
