@@ -15,6 +15,7 @@ from qonnx.qat.quantizers import (  # noqa: E402
     WeightQuantizer,
     dampening_loss,
     lsq_fake_quant,
+    lsq_fake_quant_fused,
     mad_fake_quant,
     octav_clip,
 )
@@ -116,6 +117,24 @@ def test_lsq_step_gradient_matches_finite_differences_and_scales_once():
     xg = x.clone().requires_grad_(True)
     gx = torch.autograd.grad(lsq_fake_quant(xg, torch.tensor(s0), 0.0, qmin, qmax, g).sum(), xg)[0]
     assert gx.tolist() == [1.0, 1.0, 1.0, 0.0, 0.0]
+
+
+@pytest.mark.parametrize("zero_point,qmin,qmax", [(0, 0, 255), (128, 0, 255), (3, 0, 15), (0, -8, 7)])
+def test_fused_lsq_matches_the_autograd_reference(zero_point, qmin, qmax):
+    """The one-node activation quantizer gives lsq_fake_quant's values and gradients (float64)."""
+    gen = torch.Generator().manual_seed(zero_point + qmax)
+    x = (3 * torch.randn(2, 5, 7, 7, generator=gen, dtype=torch.float64)).requires_grad_(True)
+    s = torch.tensor(0.05, dtype=torch.float64, requires_grad=True)
+    upstream = torch.randn(2, 5, 7, 7, generator=gen, dtype=torch.float64)
+    ref = lsq_fake_quant(x, s, float(zero_point), qmin, qmax, 0.01)
+    fused = lsq_fake_quant_fused(x, s, zero_point, qmin, qmax, 0.01)
+    assert torch.equal(ref, fused)
+    clipped = ((torch.round(x / s) + zero_point < qmin) | (torch.round(x / s) + zero_point > qmax)).sum()
+    assert 0 < int(clipped) < x.numel()  # both sides of the clamp are exercised
+    ref_grads = torch.autograd.grad((ref * upstream).sum(), (x, s))
+    fused_grads = torch.autograd.grad((fused * upstream).sum(), (x, s))
+    torch.testing.assert_close(fused_grads[0], ref_grads[0], rtol=0, atol=1e-12)
+    torch.testing.assert_close(fused_grads[1], ref_grads[1], rtol=1e-10, atol=1e-12)
 
 
 def test_mad_gradient():
