@@ -17,7 +17,8 @@ from qonnx.errors import InputError, PreconditionError  # noqa: E402
 from qonnx.manager import PassContext, PassManager  # noqa: E402
 from qonnx.pipeline import Pipeline  # noqa: E402
 from qonnx.qat.model import Student  # noqa: E402
-from qonnx.qat.train import TrainConfig, Trainer  # noqa: E402
+from qonnx.qat.options import TrainConfig  # noqa: E402
+from qonnx.qat.train import Trainer  # noqa: E402
 from qonnx.qtable import QuantState, Role  # noqa: E402
 
 
@@ -240,6 +241,18 @@ def test_distillation_targets_are_the_float_models_outputs():
 def test_bad_options(options, error, match):
     with pytest.raises(error, match=match):
         quantize(W4A4 + ",qat{" + options + "}")
+
+
+@pytest.mark.parametrize("arrays,match", [
+    ({"other": np.zeros((8, 1, 8, 8), np.float32)}, r"lacks model input\(s\) \['x'\]"),
+    ({"x": np.zeros((8, 1, 8, 8), np.float32), "labels": np.zeros(7, np.int64)}, "disagree on the number of samples"),
+    ({"x": np.array([{"a": 1}] * 8, dtype=object)}, "pickle|object"),
+])
+def test_bad_train_data_is_refused_without_unpickling(tmp_path, arrays, match):
+    path = tmp_path / "train.npz"
+    np.savez(path, **arrays)
+    with pytest.raises(InputError, match=match):
+        quantize(W4A4 + f",qat{{steps=2,train_data={path}}}")
 
 
 def test_unsupported_op_is_refused():

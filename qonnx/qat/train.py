@@ -9,7 +9,6 @@ schedule makes the result depend on the machine's speed; the number of steps run
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import math
 import os
@@ -26,44 +25,12 @@ from qonnx.errors import InputError, PreconditionError
 from qonnx.ir import Model
 from qonnx.ort import make_session, run_batches
 from qonnx.qat.model import Student, write_back
+from qonnx.qat.options import TrainConfig
 from qonnx.qat.oscillations import dampening_weight, freeze_threshold
 
 log = logging.getLogger(__name__)
 LOSSES = ("auto", "ce", "kl", "mse")
 _PROBE_STEPS = 10
-
-
-@dataclass(frozen=True)
-class TrainConfig:
-    steps: int = 1000
-    batch_size: int = 32
-    lr: float = 1e-4
-    lr_scale: float = 1e-5
-    time_budget: float = 0.0
-    seed: int = 0
-    loss: str = "auto"
-    weight_quantizer: str = "lsq"
-    learn_activation_scales: bool = True
-    scale_init: str = "calibrated"
-    octav_iterations: int = 2
-    dampen: float = 0.0
-    freeze: float = 0.0
-    freeze_final: float = 0.02
-    momentum: float = 0.01
-    anneal_start: float = 0.25
-    max_bits: int = 4
-    bn_batches: int = 50
-    bias_correction: bool = False
-    checkpoint: str = ""
-    checkpoint_every: int = 200
-    log_every: int = 50
-    threads: int = 0
-    stop_at: int = 0  # stop after this step with the checkpoint written (resume tests); 0 = never
-
-    def fingerprint(self) -> str:
-        """What a checkpoint must agree on to be resumed (the budget and bookkeeping may change)."""
-        skip = {"time_budget", "checkpoint", "checkpoint_every", "stop_at", "threads"}
-        return repr(sorted((k, v) for k, v in dataclasses.asdict(self).items() if k not in skip))
 
 
 @dataclass
