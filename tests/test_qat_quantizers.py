@@ -14,10 +14,11 @@ from qonnx.qat.oscillations import OscillationTracker, cosine_anneal, dampening_
 from qonnx.qat.quantizers import (  # noqa: E402
     WeightQuantizer,
     dampening_loss,
+    grad_scale,
     lsq_fake_quant,
-    lsq_fake_quant_fused,
     mad_fake_quant,
     octav_clip,
+    round_ste,
 )
 from qonnx.quant import QuantScheme  # noqa: E402
 
@@ -90,6 +91,13 @@ def test_dampening_gradient():
     assert bool((grad[~inside] == 0).all())
 
 
+def lsq_reference(x, s, zero_point, qmin, qmax, g):
+    """LSQ written as autograd ops (Esser et al. 2020): what the one-node lsq_fake_quant must equal."""
+    s = grad_scale(s, g)
+    q = torch.clamp(round_ste(x / s) + zero_point, qmin, qmax)
+    return (q - zero_point) * s
+
+
 def test_lsq_step_gradient_matches_finite_differences_and_scales_once():
     x = torch.tensor([0.13, -0.41, 0.77, 2.5, -3.0])  # the last two are clipped at qmax / qmin
     qmin, qmax, s0 = -7, 7, 0.2
@@ -120,14 +128,14 @@ def test_lsq_step_gradient_matches_finite_differences_and_scales_once():
 
 
 @pytest.mark.parametrize("zero_point,qmin,qmax", [(0, 0, 255), (128, 0, 255), (3, 0, 15), (0, -8, 7)])
-def test_fused_lsq_matches_the_autograd_reference(zero_point, qmin, qmax):
-    """The one-node activation quantizer gives lsq_fake_quant's values and gradients (float64)."""
+def test_lsq_matches_the_autograd_reference(zero_point, qmin, qmax):
+    """The one-node activation quantizer gives the op-by-op form's values and gradients (float64)."""
     gen = torch.Generator().manual_seed(zero_point + qmax)
     x = (3 * torch.randn(2, 5, 7, 7, generator=gen, dtype=torch.float64)).requires_grad_(True)
     s = torch.tensor(0.05, dtype=torch.float64, requires_grad=True)
     upstream = torch.randn(2, 5, 7, 7, generator=gen, dtype=torch.float64)
-    ref = lsq_fake_quant(x, s, float(zero_point), qmin, qmax, 0.01)
-    fused = lsq_fake_quant_fused(x, s, zero_point, qmin, qmax, 0.01)
+    ref = lsq_reference(x, s, float(zero_point), qmin, qmax, 0.01)
+    fused = lsq_fake_quant(x, s, zero_point, qmin, qmax, 0.01)
     assert torch.equal(ref, fused)
     clipped = ((torch.round(x / s) + zero_point < qmin) | (torch.round(x / s) + zero_point > qmax)).sum()
     assert 0 < int(clipped) < x.numel()  # both sides of the clamp are exercised

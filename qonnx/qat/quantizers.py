@@ -35,20 +35,12 @@ def grad_scale(s: torch.Tensor, g: float) -> torch.Tensor:
     return (s - scaled).detach() + scaled
 
 
-def lsq_fake_quant(x: torch.Tensor, s: torch.Tensor, zero_point: torch.Tensor | float, qmin: int, qmax: int,
-                   g: float) -> torch.Tensor:
-    """LSQ fake quantization written as autograd ops (the reference for `_LsqQuant`)."""
-    s = grad_scale(s, g)
-    q = torch.clamp(round_ste(x / s) + zero_point, qmin, qmax)
-    return (q - zero_point) * s
-
-
 class _LsqQuant(torch.autograd.Function):
-    """`lsq_fake_quant` for a per-tensor step in one node: the same values and gradients.
+    """LSQ fake quantization at a per-tensor step as one autograd node.
 
-    Activation fake quantization is most of a QAT step's elementwise work (Lite0: over half of the step time
-    as ~10 autograd ops per tensor). Here the forward works in place on one buffer and the backward recomputes
-    x / s from the saved input instead of keeping the intermediates.
+    Written as autograd ops (grad_scale(s), clamp(round_ste(x / s) + z), (q - z) s) it is ~10 nodes per tensor,
+    over half of a Lite0 QAT step's time; here the forward works in place on one buffer and the backward
+    recomputes x / s from the saved input instead of keeping the intermediates (tests compare it with that form).
     """
 
     @staticmethod
@@ -76,9 +68,10 @@ class _LsqQuant(torch.autograd.Function):
         return grad_x, grad_s, None, None, None, None
 
 
-def lsq_fake_quant_fused(x: torch.Tensor, s: torch.Tensor, zero_point: float, qmin: int, qmax: int,
-                         g: float) -> torch.Tensor:
-    """`lsq_fake_quant` for a scalar step s, as one autograd node."""
+def lsq_fake_quant(x: torch.Tensor, s: torch.Tensor, zero_point: float, qmin: int, qmax: int, g: float
+                   ) -> torch.Tensor:
+    """(clamp(round(x / s) + z, qmin, qmax) - z) s for a scalar step s, with LSQ's gradients: straight-through to x
+    inside the grid (0 outside), round(x/s) - x/s (inside) or qmin - z / qmax - z (outside) to s, scaled by g."""
     return _LsqQuant.apply(x, s, float(zero_point), qmin, qmax, g)
 
 
@@ -216,8 +209,7 @@ class ActQuantizer(nn.Module):
         super().__init__()
         self.qmin, self.qmax = scheme.qmin, scheme.qmax
         self.q_p = max(1, scheme.qmax - int(zero_point))
-        self.register_buffer("zero_point", torch.tensor(float(zero_point)))
-        self.zero_point_value = float(zero_point)  # fixed; read without a tensor-to-float sync per call
+        self.zero_point = float(zero_point)  # fixed by the quant table: not learned, not saved
         value = torch.tensor(float(scale))
         if learn:
             self.scale = nn.Parameter(value)
@@ -230,8 +222,7 @@ class ActQuantizer(nn.Module):
             return x
         features = max(1, x[0].numel()) if x.dim() > 0 else 1
         g = 1.0 / math.sqrt(features * self.q_p)
-        return lsq_fake_quant_fused(x, torch.clamp(self.scale, min=MIN_SCALE), self.zero_point_value, self.qmin,
-                                    self.qmax, g)
+        return lsq_fake_quant(x, torch.clamp(self.scale, min=MIN_SCALE), self.zero_point, self.qmin, self.qmax, g)
 
 
 class BiasQuantizer(nn.Module):
