@@ -127,13 +127,45 @@ def outlier_data(n: int = 64, seed: int = 0) -> dict[str, np.ndarray]:
 
 def test_protect_keeps_low_sqnr_layers_float_and_recalibrates():
     model = outlier_mlp()
-    ir, results, _ = run(import_proto(model), "plan,calibrate{method=minmax},protect{min_sqnr=32}", outlier_data())
+    ir, results, _ = run(import_proto(model), "plan,calibrate{method=minmax},protect{min_sqnr=32,fallback=float}",
+                         outlier_data())
     protect = results[-1]
     assert protect.modified is True and protect.stats["protected"] >= 1
     kept = [r for r in ir.quant.kept_float.values() if "protect" in r]
     assert kept and "dB" in kept[0]
     assert len(ir.quant.layers) == 2 - protect.stats["protected"]
+    assert not ir.quant.dynamic
     assert all(e.calibrated for e in ir.quant.tensors.values())
+
+
+def _input_sqnrs(model, data) -> dict[str, float]:
+    """Each MatMul's expected input SQNR, as protect reports it in the reason of a layer it takes out."""
+    ir, _, _ = run(import_proto(model), "plan,calibrate{method=minmax},protect{min_sqnr=99,fallback=float}", data)
+    return {node: float(reason.split("SQNR ")[1].split(" dB")[0]) for node, reason in ir.quant.kept_float.items()}
+
+
+def test_protect_quantizes_per_run_the_matmuls_between_the_two_thresholds():
+    model, data = outlier_mlp(), outlier_data()
+    sqnrs = _input_sqnrs(model, data)
+    low, high = min(sqnrs.values()), max(sqnrs.values())
+    assert high - low > 1, sqnrs  # the fixture's two inputs must fall on either side of a threshold
+    between = f"protect{{min_sqnr={low - 1:.2f},dynamic_sqnr={(low + high) / 2:.2f},fallback=float}}"
+    ir, results, _ = run(import_proto(model), f"plan,calibrate{{method=minmax}},{between}", data)
+    (per_run,) = [n for n, s in sqnrs.items() if s < (low + high) / 2]
+    assert set(ir.quant.dynamic) == {per_run} and results[-1].stats == {"protected": 1, "dynamic": 1}
+    assert "per run" in ir.quant.kept_float[per_run] and len(ir.quant.layers) == 1
+
+    off = between.replace(f"dynamic_sqnr={(low + high) / 2:.2f}", "dynamic_sqnr=0")
+    ir, results, _ = run(import_proto(model), f"plan,calibrate{{method=minmax}},{off}", data)
+    assert not ir.quant.dynamic and len(ir.quant.layers) == 2 and results[-1].modified is False
+
+
+def test_protect_keeps_static_the_layers_that_have_no_dynamic_form():
+    """A Conv whose input quantizes between the thresholds keeps its calibrated range (no DynamicQuantizeConv)."""
+    model = conv_bn_relu_conv()
+    ir, results, _ = run(import_proto(model), "canonicalize,fold-bn,plan,calibrate,protect{min_sqnr=0,dynamic_sqnr=99}",
+                         make_samples(model, 32))
+    assert results[-1].modified is False and not ir.quant.dynamic and len(ir.quant.layers) == 2
 
 
 def test_protect_improves_fidelity_on_outlier_inputs():
