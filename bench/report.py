@@ -270,9 +270,11 @@ def method_section(results: dict[str, Any]) -> list[str]:
         "samples at a time and merge); the notes say when that happened.",
         "",
         f"Latency: ONNX Runtime {m['onnxruntime']} CPU execution provider, `qonnx.ort.make_session` (all graph "
-        "optimisations, sequential execution, intra-op threads = t, inter-op 1), batch 1 (the first evaluation "
+        "optimisations, sequential execution, intra-op threads = t, inter-op 1, idle workers sleep instead of "
+        "spinning: `qonnx.ort.latency_session`), batch 1 (the first evaluation "
         f"sample), {st['warmup']} warm-up runs per model, then {runs} rounds in which every model of the task runs "
-        "once in turn (interleaved, so machine noise hits all alike); the cell is the median. The ratios "
+        "once in turn (interleaved, so machine noise hits all alike; with ORT's default spinning the idle "
+        "workers of the other models would take the cores from the one being timed); the cell is the median. The ratios "
         "×FP32 and ×ORT-best divide medians measured in that same call. p10/p90 are in the JSON. The machine "
         "was shared with other work while this ran (load averages around each measurement are in the notes); at "
         "t2 every core is in use, so t2 medians are the noisier ones.",

@@ -290,7 +290,7 @@ def latency(rows: list[dict[str, Any]], tdir: Path, st: Settings) -> dict[str, A
 
     Returns the machine's load average before and after, since other work on it shows up here.
     """
-    from qonnx.ort import make_session, measure_latency
+    from qonnx.ort import latency_session, measure_latency
 
     feed = {k: v[:1] for k, v in load_npz(tdir / "eval.npz").items()}
     live = [r for r in rows if "error" not in r]
@@ -298,7 +298,7 @@ def latency(rows: list[dict[str, Any]], tdir: Path, st: Settings) -> dict[str, A
     best = next((r for r in live if r.get("is_ort_best")), None)
     load = {"loadavg_before": loadavg()}
     for t in st.threads:
-        sessions = [make_session(r["path"], threads=t) for r in live]
+        sessions = [latency_session(r["path"], threads=t) for r in live]
         results = measure_latency(sessions, feed, warmup=st.warmup, runs=st.runs)
         by_label = {r["label"]: lat for r, lat in zip(live, results, strict=True)}
         for r, lat in zip(live, results, strict=True):

@@ -20,7 +20,7 @@ import numpy as np
 from passes.protect import replan_without
 from qonnx.export import export_qdq
 from qonnx.ir import Model
-from qonnx.ort import make_session, measure_latency, with_outputs
+from qonnx.ort import latency_session, make_session, measure_latency, with_outputs
 from qonnx.pipeline import Pass, PassResult, option, register
 
 log = logging.getLogger(__name__)
@@ -69,10 +69,10 @@ class KeepFast(Pass):
         if not model.quant.layers:
             return PassResult(model, False, {"int8_vs_fp32": None})
         feed = ctx.calibration.first_batch(1)
-        float_session = make_session(model.to_bytes(), threads=self.options.threads)
+        float_session = latency_session(model.to_bytes(), threads=self.options.threads)
 
         def latency(candidate: Model) -> tuple[float, float]:
-            quant_session = make_session(export_qdq(candidate).SerializeToString(), threads=self.options.threads)
+            quant_session = latency_session(export_qdq(candidate).SerializeToString(), threads=self.options.threads)
             fp, q = measure_latency([float_session, quant_session], feed, runs=30, min_seconds=self.options.seconds)
             return fp.median_ms, q.median_ms
 

@@ -12,7 +12,7 @@ from qonnx.errors import InputError
 from qonnx.ir import load_model
 from qonnx.metrics import Fidelity
 from qonnx.modelio import read_model_proto
-from qonnx.ort import make_session, measure_latency
+from qonnx.ort import latency_session, make_session, measure_latency
 from qonnx.verify import sample_feed
 
 
@@ -51,7 +51,7 @@ def run_bench(models: list[Path], data: Path | None = None, labels: Path | None 
         feed = sample_feed(reference, None, batch=1)
 
     for t in threads:
-        sessions = [make_session(str(p), threads=t) for p in models]
+        sessions = [latency_session(str(p), threads=t) for p in models]
         latencies = measure_latency(sessions, feed, runs=runs)
         for row, lat in zip(rows, latencies):
             row[f"latency_ms_t{t}"] = round(lat.median_ms, 3)

@@ -259,7 +259,7 @@ def measure_latency_costs(model: Model, ctx, table: CostTable, precisions: tuple
     """
     from tqdm import tqdm
 
-    from qonnx.ort import make_session
+    from qonnx.ort import latency_session
     from qonnx.ort import measure_latency as run_interleaved
 
     shapes = table.shapes or layer_shapes(model, ctx)
@@ -272,7 +272,7 @@ def measure_latency_costs(model: Model, ctx, table: CostTable, precisions: tuple
     for i, unit in enumerate(tqdm(table.units, desc="latency", unit="layer", disable=not progress, leave=False)):
         for name in unit.nodes:
             in_shape = shapes[name][0]
-            sessions = [make_session(_micro_model(model, nodes[name], unit, in_shape, p), threads=threads or 1)
+            sessions = [latency_session(_micro_model(model, nodes[name], unit, in_shape, p), threads=threads or 1)
                         for p in precisions]
             feed_name = sessions[0].get_inputs()[0].name
             if unit.activations_quantized:

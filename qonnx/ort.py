@@ -54,6 +54,18 @@ def make_session(model: bytes | str | os.PathLike[str] | onnx.ModelProto, thread
                                 providers=["CPUExecutionProvider"])
 
 
+def latency_session(model: bytes | str | os.PathLike[str] | onnx.ModelProto,
+                    threads: int | None = None) -> ort.InferenceSession:
+    """A session for `measure_latency`: all optimisations, and worker threads that sleep when idle.
+
+    Why no spinning: ORT's idle workers spin for a while after each run, so when sessions take turns
+    the spinning workers of the ones just measured take the cores from the one being measured. On
+    2 cores that made every 2-thread median 2-3x its value measured alone (MiniLM FP32: 41 ms
+    interleaved vs 12 ms alone), and not by the same factor for every model.
+    """
+    return make_session(model, threads=threads, spinning=False)
+
+
 def optimized_graph(model: bytes | onnx.ModelProto, threads: int = 1) -> onnx.ModelProto:
     """The graph ORT actually runs (after its fusions), read back from ORT itself."""
     if isinstance(model, onnx.ModelProto):
@@ -166,7 +178,10 @@ class Latency:
 
 def measure_latency(sessions: list[ort.InferenceSession], feed: dict[str, np.ndarray], *, warmup: int = 5,
                     runs: int = 50, min_seconds: float = 0.0) -> list[Latency]:
-    """Median latency of each session, runs interleaved so machine noise hits all alike."""
+    """Median latency of each session, runs interleaved so machine noise hits all alike.
+
+    Make the sessions with `latency_session`: with spinning workers, interleaving measures contention.
+    """
     for sess in sessions:
         for _ in range(warmup):
             sess.run(None, feed)

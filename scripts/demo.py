@@ -13,7 +13,7 @@ import qonnx  # noqa: E402
 from models._common import cache_dir  # noqa: E402
 from models.tasks import TASKS  # noqa: E402
 from qonnx.calibration import open_calibration  # noqa: E402
-from qonnx.ort import make_session, measure_latency  # noqa: E402
+from qonnx.ort import latency_session, measure_latency  # noqa: E402
 
 
 def main(task_name: str) -> None:
@@ -31,7 +31,7 @@ def main(task_name: str) -> None:
     feed = open_calibration(folder / "eval.npz", result.ir).first_batch(1)
     latency = {}
     for threads in (1, 2):
-        sessions = [make_session(str(p), threads=threads) for p in (fp32, out)]
+        sessions = [latency_session(str(p), threads=threads) for p in (fp32, out)]
         latency[threads] = measure_latency(sessions, feed, runs=100)
     keys = [task.primary_metric] + sorted(k for k in metrics["fp32"] if k != task.primary_metric)
     header = f"{'model':12s} {'size MB':>8s} {'t1 ms':>8s} {'t2 ms':>8s} " + " ".join(f"{k:>14s}" for k in keys)
