@@ -180,6 +180,8 @@ def measure_latency(sessions: list[ort.InferenceSession], feed: dict[str, np.nda
                     runs: int = 50, min_seconds: float = 0.0) -> list[Latency]:
     """Median latency of each session, runs interleaved so machine noise hits all alike.
 
+    Each round starts one session later than the one before, so no model is always the one timed
+    right after a large model has filled the caches with its weights.
     Make the sessions with `latency_session`: with spinning workers, interleaving measures contention.
     """
     for sess in sessions:
@@ -189,9 +191,10 @@ def measure_latency(sessions: list[ort.InferenceSession], feed: dict[str, np.nda
     start = time.perf_counter()
     done = 0
     while done < runs or time.perf_counter() - start < min_seconds:
-        for i, sess in enumerate(sessions):
+        first = done % len(sessions)
+        for i in [*range(first, len(sessions)), *range(first)]:
             t0 = time.perf_counter()
-            sess.run(None, feed)
+            sessions[i].run(None, feed)
             samples[i].append((time.perf_counter() - t0) * 1000.0)
         done += 1
         if done >= 10 * runs:
