@@ -6,6 +6,7 @@ from passes import (  # noqa: F401
     calibrate,
     canonicalize,
     cle,
+    embeddings,
     estimate_ranges,
     fold_bn,
     high_bias,

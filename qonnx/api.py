@@ -133,7 +133,7 @@ def optimize(
         "qonnx.pipeline": pipe.canonical(),
         "qonnx.seed": str(seed),
     })
-    quantized = bool(ir.quant.tensors or ir.quant.dynamic)
+    quantized = bool(ir.quant.tensors or ir.quant.dynamic or ir.quant.gathers)
     proto = exporter(ir) if quantized else ir.to_onnx()
     onnx.checker.check_model(proto)
     result = OptimizeResult(model=proto, ir=ir, pipeline=pipe, records=records, size_before=len(source_bytes))

@@ -195,6 +195,8 @@ def _export_entries(m: Model, nbits: dict, nbits_accuracy_level: int, pack_int4:
         entry.state = QuantState.EXPORTED
     for node_name, entry in sorted(m.quant.dynamic.items()):
         _export_dynamic_matmul(m, node_name, entry)
+    for node_name, entry in sorted(m.quant.gathers.items()):
+        export_int8_lookup(m, node_name, entry)
 
 
 def _nbits_layers(m: Model) -> dict[str, object]:
@@ -235,6 +237,31 @@ def _export_dynamic_matmul(m: Model, node_name: str, entry: TensorQuant) -> None
     node.outputs.clear()
     m.graph.nodes.remove(node)
     m.add_node("Mul", [acc_f, scales], [out], name=base + "_output_Mul")
+
+
+def export_int8_lookup(m: Model, node_name: str, entry: TensorQuant) -> None:
+    """Gather(T, ids) -> Cast(Gather(int8 T, ids)) * Gather(row scales, ids): the rows scaled after the lookup."""
+    node = next((n for n in m.nodes if n.name == node_name), None)
+    if node is None or node.op != "Gather":
+        raise ExportError(f"quant table names Gather '{node_name}', which is not in the graph")
+    table, indices = node.inputs
+    out = node.outputs[0]
+    values = m.constant_value(table)
+    codes = quantize(values, entry.scale, entry.zero_point, entry.scheme).astype(np.int8)
+    rows_q = m.make_variable(node_name + "_rows_quantized", dtype=np.int8)
+    m.add_node("Gather", [m.make_constant(table.name + "_quantized", codes), indices], [rows_q],
+               {"axis": 0}, name=node_name + "_quantized")
+    rows = m.make_variable(node_name + "_rows_int", dtype=np.float32)
+    m.add_node("Cast", [rows_q], [rows], {"to": onnx.TensorProto.FLOAT}, name=node_name + "_Cast")
+    row_scale = m.make_variable(node_name + "_row_scale", dtype=np.float32)
+    scales = np.asarray(entry.scale, np.float32).reshape(-1, 1)  # [V, 1]: gathers to ids.shape + [1]
+    m.add_node("Gather", [m.make_constant(table.name + "_scale", scales), indices], [row_scale],
+               {"axis": 0}, name=node_name + "_scale")
+    node.inputs.clear()
+    node.outputs.clear()
+    m.graph.nodes.remove(node)
+    m.add_node("Mul", [rows, row_scale], [out], name=node_name + "_Mul")
+    entry.state = QuantState.EXPORTED
 
 
 # ------------------------------------------------------------------ fusion report

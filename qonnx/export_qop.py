@@ -25,7 +25,7 @@ from typing import Any, Callable
 import numpy as np
 import onnx
 
-from qonnx.export import _export_dynamic_matmul
+from qonnx.export import _export_dynamic_matmul, export_int8_lookup
 from qonnx.ir import Model
 from qonnx.lowering import ACTIVATIONS, MS_DOMAIN, PASS_THROUGH_OPS, Lowering, QValue
 
@@ -43,7 +43,16 @@ class QOpLowering(Lowering):
             "LeakyRelu": self.unary, "Softmax": self.unary, "Relu": self.clip, "Clip": self.clip,
         }
         table.update({op: self.pass_through for op in PASS_THROUGH_OPS})
+        table["Gather"] = self.gather
         return table
+
+    def gather(self, node) -> bool:
+        entry = self.table.gathers.get(node.name)
+        if entry is None:
+            return self.pass_through(node)
+        self.floating(node.inputs[1])
+        export_int8_lookup(self.m, node.name, entry)  # the same nodes as in QDQ: there is no QLinearGather
+        return True
 
     def constants(self, *qvs: QValue) -> list:
         out = []

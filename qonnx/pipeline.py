@@ -97,16 +97,16 @@ def registry() -> dict[str, type[Pass]]:
 # ------------------------------------------------------------------ presets
 PRESETS: dict[str, tuple[str, str]] = {
     "w8a8": (
-        "canonicalize,fold-bn,smooth,plan,calibrate,protect,keep-fast,bias-correction",
+        "canonicalize,fold-bn,smooth,plan,embeddings,calibrate,protect,keep-fast,bias-correction",
         "INT8: per-channel int8 weights, uint8 activations; layers that quantize badly or run slower in "
         "int8 stay float; bias correction",
     ),
     "w8a8-minmax": (
-        "canonicalize,fold-bn,plan,calibrate{method=minmax},bias-correction",
+        "canonicalize,fold-bn,plan,embeddings,calibrate{method=minmax},bias-correction",
         "INT8 with plain min/max activation ranges (fastest calibration)",
     ),
     "w8a8-pertensor": (
-        "canonicalize,fold-bn,cle,smooth,plan{per_channel=false},calibrate,protect,bias-correction",
+        "canonicalize,fold-bn,cle,smooth,plan{per_channel=false},embeddings,calibrate,protect,bias-correction",
         "INT8 with one weight scale per tensor (accelerators without per-channel support): cross-layer "
         "equalization and bias correction recover what per-tensor rounding loses",
     ),
@@ -122,7 +122,7 @@ PRESETS: dict[str, tuple[str, str]] = {
         "analytic bias correction)",
     ),
     "w8a8-adaround": (
-        "canonicalize,fold-bn,smooth,plan,calibrate{weights=mse},protect,keep-fast,adaround",
+        "canonicalize,fold-bn,smooth,plan,embeddings,calibrate{weights=mse},protect,keep-fast,adaround",
         "w8a8 with AdaRound instead of bias correction: each weight's rounding learned on calibration data",
     ),
     "w4a8": (
@@ -131,12 +131,12 @@ PRESETS: dict[str, tuple[str, str]] = {
         "convs keep int8 weights. Stored as int4 (opset 21): about half the size of w8a8",
     ),
     "w4a16": (
-        "canonicalize,fold-bn,plan{weight_bits=4,activations=float,block_size=32},calibrate{weights=mse},adaround",
+        "canonicalize,fold-bn,plan{weight_bits=4,activations=float,block_size=32},embeddings,calibrate{weights=mse},adaround",
         "weight-only int4 in blocks of 32 along K (MSE scale search, AdaRound), float activations; MatMul/Gemm "
         "run as ORT's MatMulNBits",
     ),
     "w4a16-rtn": (
-        "canonicalize,fold-bn,plan{weight_bits=4,activations=float,block_size=32},calibrate-weights{method=mse}",
+        "canonicalize,fold-bn,plan{weight_bits=4,activations=float,block_size=32},embeddings,calibrate-weights{method=mse}",
         "w4a16 without data: round-to-nearest int4 weights",
     ),
     "w4a8-qat": (
@@ -150,7 +150,7 @@ PRESETS: dict[str, tuple[str, str]] = {
         "int4 weights and 16-level activations, quantization-aware fine-tuning with iterative freezing (needs torch)",
     ),
     "w8a8-static": (
-        "canonicalize,fold-bn,smooth,plan,calibrate,protect,bias-correction",
+        "canonicalize,fold-bn,smooth,plan,embeddings,calibrate,protect,bias-correction",
         "w8a8 without the latency measurement: output independent of machine timings",
     ),
 }

@@ -75,6 +75,9 @@ class QuantTable:
     # MatMuls whose input is quantized per run (DynamicQuantizeLinear) because no static range
     # fits it: node name -> its weight's (calibrated) entry.
     dynamic: dict[str, TensorQuant] = field(default_factory=dict)
+    # Gathers whose constant table is stored as int8 rows (the `embeddings` pass): node name -> the
+    # table's entry. Not plan's decision, so re-planning (clear) keeps it.
+    gathers: dict[str, TensorQuant] = field(default_factory=dict)
 
     def __len__(self) -> int:
         return len(self.tensors)
@@ -110,6 +113,7 @@ class QuantTable:
                     setattr(layer, attr, new)
 
     def clear(self) -> None:
+        """Forget plan's decisions (and what followed from them); lookup tables stay."""
         self.tensors.clear()
         self.layers.clear()
         self.kept_float.clear()

@@ -91,7 +91,7 @@ def test_optimize_writes_a_model_and_prints_the_summary(work):
 @pytest.mark.parametrize(
     ("args", "pipeline"),
     [
-        (["--preset", "w8a8-minmax"], "canonicalize,fold-bn,plan,calibrate{method=minmax},bias-correction"),
+        (["--preset", "w8a8-minmax"], "canonicalize,fold-bn,plan,embeddings,calibrate{method=minmax},bias-correction"),
         (["--passes", "fold-bn,plan{per_channel=false},calibrate{method=percentile}"],
          "fold-bn,plan{per_channel=false},calibrate{method=percentile}"),
         (["--passes", "canonicalize,fold-bn"], "canonicalize,fold-bn"),
