@@ -269,9 +269,9 @@ def method_section(results: dict[str, Any]) -> list[str]:
         "shared machine and, for ORT, retried with ORT's own `CalibStridedMinMax` extra option (calibrate 32 "
         "samples at a time and merge); the notes say when that happened.",
         "",
-        f"Latency: ONNX Runtime {m['onnxruntime']} CPU execution provider, `qonnx.ort.make_session` (all graph "
-        "optimisations, sequential execution, intra-op threads = t, inter-op 1, idle workers sleep instead of "
-        "spinning: `qonnx.ort.latency_session`), batch 1 (the first evaluation "
+        f"Latency: ONNX Runtime {m['onnxruntime']} CPU execution provider, `qonnx.ort.latency_session` (all "
+        "graph optimisations, sequential execution, intra-op threads = t, inter-op 1, idle workers sleep instead "
+        "of spinning), batch 1 (the first evaluation "
         f"sample), {st['warmup']} warm-up runs per model, then {runs} rounds in which every model of the task runs "
         "once in turn (interleaved, so machine noise hits all alike; with ORT's default spinning the idle "
         "workers of the other models would take the cores from the one being timed); the cell is the median. The ratios "

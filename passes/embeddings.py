@@ -15,6 +15,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numpy as np
+
+from passes.calibrate import MEANS_ANALYSIS, STATS_ANALYSIS
+from passes.estimate_ranges import MOMENTS_ANALYSIS
 from qonnx.ir import Model
 from qonnx.pipeline import Pass, PassResult, option, register
 from qonnx.qtable import QuantState, Role, TensorQuant
@@ -25,15 +29,21 @@ ROW_INT8 = QuantScheme(bits=8, signed=True, symmetric=True, axis=0)
 
 
 def lookup_tables(model: Model, min_elements: int) -> dict[str, str]:
-    """Gather node name -> its table's name, for Gathers along axis 0 of a constant float matrix."""
+    """Gather node name -> its table's name, for Gathers of rows of a constant float32 matrix.
+
+    Left float: tables also read by another op (quantizing the lookup would keep a float copy for
+    it), tables with NaN/Inf (no scale fits), and constant indices (constant folding's business).
+    """
     found = {}
     for node in model.nodes:
-        if node.op != "Gather" or int(node.attrs.get("axis", 0)) != 0:
+        if node.op != "Gather":
             continue
         table, indices = node.inputs
         values = model.constant_value(table)
-        if (values is None or values.ndim != 2 or values.dtype.kind != "f" or values.size < min_elements
-                or model.is_constant(indices) or len(model.consumers(table)) != 1):
+        if (values is None or values.ndim != 2 or int(node.attrs.get("axis", 0)) % 2 != 0
+                or values.dtype != np.float32 or values.size < max(min_elements, 1)
+                or model.is_constant(indices) or len(model.consumers(table)) != 1
+                or not np.isfinite(values).all()):
             continue
         found[node.name] = table.name
     return found
@@ -50,6 +60,7 @@ class Embeddings(Pass):
     summary = "int8 lookup tables, one scale per row, for Gathers from large constant matrices"
     Options = EmbeddingsOptions
     edits_graph = False
+    preserves = frozenset({STATS_ANALYSIS, MEANS_ANALYSIS, MOMENTS_ANALYSIS})  # the float graph is untouched
 
     def run(self, model: Model, ctx) -> PassResult:
         tables = lookup_tables(model, self.options.min_elements)

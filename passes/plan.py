@@ -290,8 +290,11 @@ def replan_excluding(model: Model, ctx, reasons: dict[str, str]) -> None:
     The new plan has no parameters: the caller calibrates (or estimates ranges) again.
     """
     table = model.quant
-    previous = dict(table.kept_float)
+    previous, per_run = dict(table.kept_float), dict(table.dynamic)
     base = table.plan_options if table.plan_options is not None else Plan.Options()
-    Plan(dataclasses.replace(base, exclude=tuple(sorted(set(base.exclude) | set(reasons))))).run(model, ctx)
+    exclude = set(base.exclude) | set(reasons)
+    Plan(dataclasses.replace(base, exclude=tuple(sorted(exclude)))).run(model, ctx)
     table.kept_float.update({k: v for k, v in previous.items() if k not in reasons})
     table.kept_float.update({k: v for k, v in reasons.items() if v})
+    # MatMuls quantized per run (protect) are out of the static plan; they stay per run while excluded.
+    table.dynamic.update({k: v for k, v in per_run.items() if k in exclude and k not in reasons})

@@ -66,7 +66,7 @@ class Protect(Pass):
             elif sqnr < opts.dynamic_sqnr and _dynamic_weight(model, nodes[layer.node]) is not None:
                 per_run[layer.node] = sqnr
         if not protected and not per_run:
-            return PassResult(model, False, {"protected": 0, "dynamic": 0})
+            return PassResult(model, False, {"protected": 0, "per_run": 0, "dynamic": 0})
         reasons = {node: f"input quantization SQNR {sqnr:.1f} dB < {opts.min_sqnr:g} dB (protect)"
                    for node, sqnr in protected.items()}
         reasons.update({node: f"input quantization SQNR {sqnr:.1f} dB < {opts.dynamic_sqnr:g} dB (protect)"
@@ -74,7 +74,7 @@ class Protect(Pass):
         replan_without(model, ctx, reasons)
         dynamic = sorted(per_run) + (sorted(protected) if opts.fallback == "dynamic" else [])
         made = _make_dynamic(model, dynamic)
-        stats_out = {"protected": len(protected) + len(per_run), "dynamic": made}
+        stats_out = {"protected": len(protected), "per_run": len(per_run), "dynamic": made}
         if protected:
             stats_out["lowest_sqnr_db"] = round(min(protected.values()), 2)
         return PassResult(model, True, stats_out)
@@ -95,12 +95,13 @@ def _make_dynamic(model: Model, node_names: list[str]) -> int:
     """The named MatMuls (out of the static plan) get per-run input quantization (DynamicQuantizeMatMul)."""
     table = model.quant
     nodes = {n.name: n for n in model.nodes}
+    per_channel = table.plan_options is None or table.plan_options.per_channel
     made = 0
     for node_name in node_names:
         w = _dynamic_weight(model, nodes[node_name])
         if w is None:
             continue
-        scheme = QuantScheme(bits=8, signed=True, symmetric=True, axis=1)
+        scheme = QuantScheme(bits=8, signed=True, symmetric=True, axis=1 if per_channel else None)
         rmin, rmax = weight_range(w, scheme, "minmax")
         scale, zero_point = scale_zero_point(rmin, rmax, scheme)
         table.dynamic[node_name] = TensorQuant(Role.WEIGHT, scheme, scale, zero_point, QuantState.CALIBRATED,

@@ -142,7 +142,7 @@ def optimize(
     inner_layers = sum(inner.get(op, 0) for op in ("Conv", "Gemm", "MatMul", "LSTM", "GRU"))
     if inner_layers:
         result.notes.append(f"{inner_layers} compute layers inside If/Loop subgraphs stay float (passed through)")
-    if not ir.quant.layers and not ir.quant.dynamic:
+    if not ir.quant.layers and not ir.quant.dynamic and not ir.quant.gathers:
         result.notes.append("no layer of the main graph could be quantized: the output equals the float model")
     if check_fusion and quantized:
         result.fusion = fusion_report(proto)

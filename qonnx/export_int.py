@@ -165,7 +165,8 @@ class IntLowering(Lowering):
     def finish(self) -> None:
         if self.table.dynamic:
             raise ExportError(f"integer-only export: MatMul '{sorted(self.table.dynamic)[0]}' is quantized per run "
-                              "(dynamic); that needs float scales at run time")
+                              "(dynamic); that needs float scales at run time (protect{fallback=float,"
+                              "dynamic_sqnr=0} keeps static ranges, or float below min_sqnr, instead)")
 
     def accumulate_out(self, node, act, tensor, acc, base: str, m_values: np.ndarray, bound: np.ndarray,
                        rank: int, axis: int, x: QValue, w_scale: np.ndarray) -> bool:

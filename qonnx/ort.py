@@ -184,6 +184,8 @@ def measure_latency(sessions: list[ort.InferenceSession], feed: dict[str, np.nda
     right after a large model has filled the caches with its weights.
     Make the sessions with `latency_session`: with spinning workers, interleaving measures contention.
     """
+    if not sessions:
+        return []
     for sess in sessions:
         for _ in range(warmup):
             sess.run(None, feed)

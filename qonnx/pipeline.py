@@ -98,8 +98,9 @@ def registry() -> dict[str, type[Pass]]:
 PRESETS: dict[str, tuple[str, str]] = {
     "w8a8": (
         "canonicalize,fold-bn,smooth,plan,embeddings,calibrate,protect,keep-fast,bias-correction",
-        "INT8: per-channel int8 weights, uint8 activations; layers that quantize badly or run slower in "
-        "int8 stay float; bias correction",
+        "INT8: per-channel int8 weights, uint8 activations; MatMuls whose input quantizes badly take their "
+        "range per run, other such layers and those slower in int8 stay float; int8 embedding tables; bias "
+        "correction",
     ),
     "w8a8-minmax": (
         "canonicalize,fold-bn,plan,embeddings,calibrate{method=minmax},bias-correction",
@@ -131,9 +132,10 @@ PRESETS: dict[str, tuple[str, str]] = {
         "convs keep int8 weights. Stored as int4 (opset 21): about half the size of w8a8",
     ),
     "w4a16": (
-        "canonicalize,fold-bn,plan{weight_bits=4,activations=float,block_size=32},embeddings,calibrate{weights=mse},adaround",
+        "canonicalize,fold-bn,plan{weight_bits=4,activations=float,block_size=32},embeddings,"
+        "calibrate{weights=mse},adaround",
         "weight-only int4 in blocks of 32 along K (MSE scale search, AdaRound), float activations; MatMul/Gemm "
-        "run as ORT's MatMulNBits",
+        "run as ORT's MatMulNBits; int8 embedding tables",
     ),
     "w4a16-rtn": (
         "canonicalize,fold-bn,plan{weight_bits=4,activations=float,block_size=32},embeddings,calibrate-weights{method=mse}",

@@ -152,7 +152,7 @@ def test_protect_quantizes_per_run_the_matmuls_between_the_two_thresholds():
     between = f"protect{{min_sqnr={low - 1:.2f},dynamic_sqnr={(low + high) / 2:.2f},fallback=float}}"
     ir, results, _ = run(import_proto(model), f"plan,calibrate{{method=minmax}},{between}", data)
     (per_run,) = [n for n, s in sqnrs.items() if s < (low + high) / 2]
-    assert set(ir.quant.dynamic) == {per_run} and results[-1].stats == {"protected": 1, "dynamic": 1}
+    assert set(ir.quant.dynamic) == {per_run} and results[-1].stats == {"protected": 0, "per_run": 1, "dynamic": 1}
     assert "per run" in ir.quant.kept_float[per_run] and len(ir.quant.layers) == 1
 
     off = between.replace(f"dynamic_sqnr={(low + high) / 2:.2f}", "dynamic_sqnr=0")
@@ -210,3 +210,34 @@ def test_protect_dynamic_fallback_runs_as_dynamic_quantize_matmul():
     ref = make_session(model.SerializeToString()).run(None, held_out)[0]
     out = make_session(result.to_bytes()).run(None, held_out)[0]
     assert 10 * np.log10(np.sum(ref**2) / np.sum((ref - out) ** 2)) > 25
+
+
+def test_per_run_matmuls_survive_a_later_replan():
+    """keep-fast re-plans with more layers excluded: protect's per-run MatMuls must stay per run."""
+    from passes.plan import replan_excluding
+
+    model, data = outlier_mlp(), outlier_data()
+    sqnrs = _input_sqnrs(model, data)
+    split = (min(sqnrs.values()) + max(sqnrs.values())) / 2
+    ir, _, ctx = run(import_proto(model), f"plan,calibrate{{method=minmax}},protect{{min_sqnr={split:.2f}}}", data)
+    per_run = dict(ir.quant.dynamic)
+    assert len(per_run) == 1 and len(ir.quant.layers) == 1
+    (other,) = [name for name in ir.quant.layers]
+    replan_excluding(ir, ctx, {other: "measured slower (test)"})
+    assert set(ir.quant.dynamic) == set(per_run) and not ir.quant.layers
+
+
+@pytest.mark.parametrize("per_channel", [True, False])
+def test_per_run_weights_follow_the_plans_per_channel_choice(per_channel):
+    model, data = outlier_mlp(), outlier_data()
+    spec = (f"plan{{per_channel={str(per_channel).lower()}}},calibrate{{method=minmax}},"
+            "protect{min_sqnr=32,fallback=dynamic}")
+    ir, _, _ = run(import_proto(model), spec, data)
+    assert ir.quant.dynamic
+    for node, entry in ir.quant.dynamic.items():
+        columns = 16 if node == "MatMul_0" else 8
+        assert entry.scheme.axis == (1 if per_channel else None)
+        assert np.size(entry.scale) == (columns if per_channel else 1)
+    result = qonnx.optimize(model, data, pipeline=spec, holdout=0)
+    out = make_session(result.to_bytes()).run(None, data)[0]
+    assert np.isfinite(out).all()

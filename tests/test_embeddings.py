@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 from conftest import build_model, import_proto, op_counts, rng, run_ort
+from onnx import TensorProto, helper, numpy_helper
 
 import qonnx
 from qonnx.calibration import open_calibration
@@ -125,5 +126,65 @@ def test_w8a8_preset_quantizes_the_table_and_output_is_deterministic():
     first = qonnx.optimize(model, data, holdout=0)
     second = qonnx.optimize(model, data, holdout=0)
     assert first.to_bytes() == second.to_bytes()
-    assert "embeddings" in first.pipeline.canonical() and first.ir.quant.gathers
-    assert first.size_after < 0.35 * first.size_before
+    assert first.ir.quant.gathers and first.size_after < 0.35 * first.size_before
+
+
+@pytest.mark.parametrize("ids", [np.array(7, np.int64), np.array([3, -1, 599], np.int64),
+                                 np.array([[0, -600], [5, 5]], np.int64)], ids=["scalar", "1-d negative", "2-d"])
+def test_any_index_shape_and_negative_indices_look_up_the_same_rows(ids):
+    rows = table_values()
+    rows[5] = 0.0  # an all-zero row: smallest scale, codes 0, still exactly zero
+    graph = helper.make_graph(
+        [helper.make_node("Gather", ["table", "ids"], ["emb"], axis=0)], "lookup",
+        [helper.make_tensor_value_info("ids", TensorProto.INT64, list(ids.shape))],
+        [helper.make_tensor_value_info("emb", TensorProto.FLOAT, [*ids.shape, DIM])],
+        [numpy_helper.from_array(rows, "table")])
+    probe = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
+    ir, _ = run(import_proto(probe), "embeddings")
+    (got,) = run_ort(export_qdq(ir), {"ids": ids})
+    want = rows[ids]
+    assert got.shape == want.shape
+    assert np.all(np.abs(got - want) <= np.abs(want).max(axis=-1, keepdims=True) / 254 * (1 + 1e-5))
+    assert np.all(got[ids == 5] == 0.0)
+
+
+def test_qop_export_of_a_planned_model_keeps_the_lookup_and_the_layers():
+    model, data = embedder(), ids_feed(8)
+    ir, _ = run(import_proto(model), "plan,embeddings,calibrate", data)
+    proto = export_qop(ir)
+    ops = op_counts(proto)
+    assert ops.get("Cast") == 1 and "table" not in {i.name for i in proto.graph.initializer}
+    assert ops.get("MatMulIntegerToFloat") == 1  # the layer after the lookup is still an integer kernel
+    (y_float,) = run_ort(model, data)
+    (y_quant,) = run_ort(proto, data)
+    assert 10 * np.log10(np.sum(y_float**2) / np.sum((y_float - y_quant) ** 2)) > 25
+
+
+def test_a_lookup_table_for_a_missing_gather_is_an_error_not_a_silent_float():
+    from qonnx.errors import ExportError
+    from qonnx.manager import StructuralVerifier, VerificationError
+
+    ir, results = run(import_proto(embedder()), "embeddings")
+    ir.quant.gathers["no_such_gather"] = ir.quant.gathers.popitem()[1]
+    for exporter in (export_qdq, export_qop):
+        with pytest.raises(ExportError, match="no_such_gather"):
+            exporter(ir)
+    with pytest.raises(VerificationError, match="no_such_gather"):
+        StructuralVerifier().after_pass(Pipeline.parse("embeddings").passes[0], None, ir, None, None)
+
+
+def test_float16_and_non_finite_tables_stay_float():
+    half = build_model("""
+    agraph (int64[N,S] ids) => (float16[N,S,128] emb) {
+        emb = Gather <axis = 0> (table, ids)
+    }""", {"table": table_values().astype(np.float16)})
+    ir, _ = run(import_proto(half), "embeddings")
+    assert not ir.quant.gathers
+    rows = table_values()
+    rows[3, 3] = np.inf
+    bad = build_model("""
+    agraph (int64[N,S] ids) => (float[N,S,128] emb) {
+        emb = Gather <axis = 0> (table, ids)
+    }""", {"table": rows})
+    ir, _ = run(import_proto(bad), "embeddings")
+    assert not ir.quant.gathers
