@@ -226,8 +226,8 @@ def prepare_cls(out_dir: Path, force: bool = False) -> None:
     out_dir.mkdir(parents=True, exist_ok=True)
     if needs(out_dir, force, "model.onnx"):
         copy_atomic(rapidocr_model(CLS_MODEL), out_dir / "model.onnx")
-    labels = out_dir / "eval_labels.npy"
-    stale = labels.exists() and len(np.load(labels)) != N_EVAL_CLS  # built before the set grew from 320
+    labels_file = out_dir / "eval_labels.npy"
+    stale = labels_file.exists() and len(np.load(labels_file)) != N_EVAL_CLS  # built before the set grew from 320
     if stale or needs(out_dir, force, "calib.npz", "eval.npz", "eval_labels.npy", "eval_meta.json"):
         texts = text_pool(seed=20, n=N_CALIB + N_EVAL_CLS, max_chars=16)
         calib, ev = texts[:N_CALIB], texts[N_CALIB:]

@@ -67,12 +67,13 @@ class Embeddings(Pass):
         tensors = model.tensors()
         before = {name: entry.scale.tobytes() for name, entry in model.quant.gathers.items()}
         model.quant.gathers.clear()
+        elements = 0
         for node_name, table in sorted(tables.items()):
             values = model.constant_value(tensors[table])
+            elements += values.size
             rmin, rmax = weight_range(values, ROW_INT8, "minmax")
             scale, zero_point = scale_zero_point(rmin, rmax, ROW_INT8)
             model.quant.gathers[node_name] = TensorQuant(Role.WEIGHT, ROW_INT8, scale, zero_point,
                                                          QuantState.CALIBRATED, method="minmax")
         after = {name: entry.scale.tobytes() for name, entry in model.quant.gathers.items()}
-        elements = sum(model.constant_value(tensors[t]).size for t in tables.values())
         return PassResult(model, after != before, {"tables": len(tables), "elements": elements})

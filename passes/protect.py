@@ -73,7 +73,7 @@ class Protect(Pass):
                         for node, sqnr in per_run.items()})
         replan_without(model, ctx, reasons)
         dynamic = sorted(per_run) + (sorted(protected) if opts.fallback == "dynamic" else [])
-        made = _make_dynamic(model, dynamic)
+        made = _make_dynamic(model, [nodes[name] for name in dynamic])
         stats_out = {"protected": len(protected), "per_run": len(per_run), "dynamic": made}
         if protected:
             stats_out["lowest_sqnr_db"] = round(min(protected.values()), 2)
@@ -91,16 +91,16 @@ def _dynamic_weight(model: Model, node) -> np.ndarray | None:
     return w
 
 
-def _make_dynamic(model: Model, node_names: list[str]) -> int:
-    """The named MatMuls (out of the static plan) get per-run input quantization (DynamicQuantizeMatMul)."""
+def _make_dynamic(model: Model, nodes: list) -> int:
+    """The given MatMuls (out of the static plan) get per-run input quantization (DynamicQuantizeMatMul)."""
     table = model.quant
-    nodes = {n.name: n for n in model.nodes}
     per_channel = table.plan_options is None or table.plan_options.per_channel
     made = 0
-    for node_name in node_names:
-        w = _dynamic_weight(model, nodes[node_name])
+    for node in nodes:
+        w = _dynamic_weight(model, node)
         if w is None:
             continue
+        node_name = node.name
         scheme = QuantScheme(bits=8, signed=True, symmetric=True, axis=1 if per_channel else None)
         rmin, rmax = weight_range(w, scheme, "minmax")
         scale, zero_point = scale_zero_point(rmin, rmax, scheme)

@@ -113,7 +113,7 @@ class Lowering:
         if missing:
             raise ExportError(f"quant table names tensor '{missing[0]}', which is not in the graph")
         ops = {n.name: n.op for n in self.m.nodes}
-        for node_name, op in [*((n, "MatMul") for n in self.table.dynamic), *((n, "Gather") for n in self.table.gathers)]:
+        for node_name, op in self.table.node_entries():
             if ops.get(node_name) != op:
                 raise ExportError(f"quant table names {op} '{node_name}', which is not in the graph")
 

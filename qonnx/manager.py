@@ -82,12 +82,10 @@ class StructuralVerifier:
             if entry.scale is not None and not np.all(np.isfinite(entry.scale) & (entry.scale > 0)):
                 raise VerificationError(f"after pass '{p.name}': tensor '{name}' has a non-positive or non-finite scale")
         ops = {n.name: n.op for n in after.nodes}
-        for kind, op, entries in (("per-run MatMul", "MatMul", after.quant.dynamic),
-                                  ("int8 lookup table", "Gather", after.quant.gathers)):
-            for node_name in entries:
-                if ops.get(node_name) != op:
-                    raise VerificationError(f"after pass '{p.name}': quant table has a {kind} for '{node_name}', "
-                                            f"which is not a {op} in the graph")
+        for node_name, op in after.quant.node_entries():
+            if ops.get(node_name) != op:
+                raise VerificationError(f"after pass '{p.name}': quant table names {op} '{node_name}', "
+                                        "which is not in the graph")
 
 
 class NumericVerifier:

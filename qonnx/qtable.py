@@ -112,6 +112,10 @@ class QuantTable:
                 if getattr(layer, attr) == old:
                     setattr(layer, attr, new)
 
+    def node_entries(self) -> list[tuple[str, str]]:
+        """(node name, the op it must be) for the entries keyed by node: per-run MatMuls, int8 lookups."""
+        return [*((name, "MatMul") for name in self.dynamic), *((name, "Gather") for name in self.gathers)]
+
     def clear(self) -> None:
         """Forget plan's decisions (and what followed from them); lookup tables stay."""
         self.tensors.clear()
