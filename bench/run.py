@@ -72,6 +72,8 @@ FMNIST_QAT = {
 VARIANTS: dict[str, dict[str, Variant]] = {
     "efficientnet_lite0": {
         "qonnx-pertensor-plain": Variant("canonicalize,fold-bn,smooth,plan{per_channel=false},calibrate,protect"),
+        "qonnx-pertensor-cle-ranges": Variant("canonicalize,fold-bn,cle,smooth,plan{per_channel=false},embeddings,"
+                                              "calibrate,protect,bias-correction"),
         "qonnx-w8a8-pertensor": Variant("w8a8-pertensor"),
         "qonnx-dfq": Variant("dfq", uses_data=False),
         "qonnx-dfq-pertensor": Variant("dfq-pertensor", uses_data=False),

@@ -20,6 +20,11 @@ breaks models that rely on the clip (EfficientNet-Lite0 from TFLite falls to
 rewritten as Relu + Min(x, b / s) with a per-channel bound, which is exact; plan
 gives the Relu output the Min output's parameters, so the saturating quantizer
 already clips at the largest bound.
+
+`objective=noise` replaces the range equalization by scales that minimise the
+modelled per-tensor quantization noise of both weights and the activation between
+them (qonnx/cle_noise.py), from per-channel statistics of one pass over the
+calibration data; the rewrite stays exact.
 """
 
 from __future__ import annotations
@@ -27,19 +32,16 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 
-import networkx as nx
 import numpy as np
 
+from qonnx.chains import Layer, find_chains, layer_groups
+from qonnx.cle_noise import ChannelStats, collect_channel_stats, noise_scales
 from qonnx.errors import PreconditionError
 from qonnx.ir import Model
+from qonnx.ort import stream_tensors
 from qonnx.pipeline import Pass, PassResult, option, register
 
 log = logging.getLogger(__name__)
-
-HOMOGENEOUS = frozenset({"Relu", "LeakyRelu", "PRelu", "Identity"})
-BOUNDED = frozenset({"Clip"})  # Clip(0, b): homogeneous once its bound follows the scale per channel
-RESHAPES = frozenset({"Flatten", "Reshape"})
-FLOAT_TYPES = (np.float16, np.float32, np.float64)
 
 
 @dataclass(frozen=True)
@@ -50,181 +52,13 @@ class CleOptions:
                  "Relu + per-channel Min(b / s), so the float model is unchanged; 'stop' ends the chain there "
                  "(run relu6-to-relu first for DFQ's approximation)", choices=("exact", "stop"))
     tolerance: float = option(1e-4, "stop once a sweep's largest |log s| is below this")
-
-
-@dataclass
-class Layer:
-    """A Conv/Gemm whose weight (and bias) CLE may rescale, with its channel axes."""
-
-    node: object
-    kind: str  # "conv", "dw" (depthwise, multiplier 1) or "gemm"
-    weight: object
-    bias: object | None
-    out_axis: int  # weight axis of output channels
-    in_axis: int  # weight axis of input channels (== out_axis for depthwise)
-    bias_axis: int  # axis of the bias holding the output channel
-    channels_in: int
-    channels_out: int
-
-    @property
-    def name(self) -> str:
-        return self.node.name
-
-
-# ------------------------------------------------------------------ layer discovery
-def _usable_constant(model: Model, tensor, subgraphs: bool) -> bool:
-    """A constant float tensor read by exactly one node (and by no nested graph)."""
-    value = model.constant_value(tensor)
-    if value is None or value.dtype.type not in FLOAT_TYPES or len(model.consumers(tensor)) != 1:
-        return False
-    return not (subgraphs and model.used_in_subgraph(tensor))
-
-
-def _layer(model: Model, node, subgraphs: bool) -> Layer | None:
-    if node.op not in ("Conv", "Gemm") or len(node.inputs) < 2 or len(node.outputs) != 1:
-        return None
-    weight = node.inputs[1]
-    if not _usable_constant(model, weight, subgraphs):
-        return None
-    w = model.constant_value(weight)
-    bias = node.inputs[2] if len(node.inputs) > 2 and node.inputs[2].name else None
-    if bias is not None and not _usable_constant(model, bias, subgraphs):
-        return None
-    b = model.constant_value(bias) if bias is not None else None
-    if node.op == "Conv":
-        if w.ndim < 3:
-            return None
-        group = int(node.attrs.get("group", 1))
-        c_out, c_in = w.shape[0], w.shape[1] * group
-        if b is not None and b.shape != (c_out,):
-            return None
-        if group == 1:
-            return Layer(node, "conv", weight, bias, 0, 1, 0, c_in, c_out)
-        if group == c_in == c_out and w.shape[1] == 1:
-            return Layer(node, "dw", weight, bias, 0, 0, 0, c_in, c_out)
-        return None  # grouped conv (or depthwise with multiplier > 1): not supported
-    # Gemm: Y = alpha A B' + beta C; only A without transpose carries channels on axis 1.
-    if int(node.attrs.get("transA", 0)) or w.ndim != 2:
-        return None
-    trans_b = int(node.attrs.get("transB", 0))
-    out_axis, in_axis = (0, 1) if trans_b else (1, 0)
-    c_out, c_in = w.shape[out_axis], w.shape[in_axis]
-    if b is not None and b.shape not in ((c_out,), (1, c_out)):
-        return None
-    return Layer(node, "gemm", weight, bias, out_axis, in_axis, (b.ndim - 1) if b is not None else 0, c_in, c_out)
-
-
-def _static_shape(tensor) -> list[int] | None:
-    shape = tensor.shape
-    if shape is None or any(not isinstance(d, int) for d in shape[1:]):
-        return None
-    return list(shape)
-
-
-def _next_layer(model: Model, first: Layer, layers: dict[str, Layer], subgraphs: bool,
-                clips: list | None = None) -> Layer | None:
-    """The layer fed by `first` through homogeneous activations only, or None where the chain breaks.
-
-    With a `clips` list, Clip(0, b) nodes are passed too and appended to it (their bound must then
-    follow the output scale of `first`).
-    """
-    tensor = first.node.outputs[0]
-    reshaped = False
-    passed: list = []
-    while True:
-        if model.is_graph_output(tensor) or (subgraphs and model.used_in_subgraph(tensor)):
-            return None
-        consumers = model.consumers(tensor)
-        if len(consumers) != 1:
-            return None
-        node = consumers[0]
-        if node.inputs[0] is not tensor or any(t is tensor for t in node.inputs[1:]):
-            return None
-        if node.name in layers:
-            second = layers[node.name]
-            if second.channels_in != first.channels_out:
-                return None
-            if second.kind == "gemm" and first.kind != "gemm" and (not reshaped or tensor.shape is None
-                                                                   or len(tensor.shape) != 2):
-                return None
-            if second.kind != "gemm" and (first.kind == "gemm" or reshaped):
-                return None
-            if clips is not None:
-                clips.extend(passed)
-            return second
-        if len(node.outputs) != 1:
-            return None
-        if node.op in HOMOGENEOUS:
-            if node.op == "PRelu" and model.constant_value(node.inputs[1]) is None:
-                return None
-        elif node.op in BOUNDED and clips is not None:
-            bounds = model.clip_bounds(node)
-            if bounds is None or bounds[0] != 0.0 or not model.is_float(node.outputs[0]):
-                return None
-            passed.append(node)
-        elif node.op == "Min" and clips is not None:  # a per-channel bound left by an earlier CLE
-            bound = model.constant_value(node.inputs[1]) if len(node.inputs) == 2 else None
-            if bound is None or np.any(bound < 0) or bound.size != first.channels_out:
-                return None
-            passed.append(node)
-        elif node.op == "GlobalAveragePool" and first.kind != "gemm":
-            reshaped = True  # a per-channel mean commutes with the scaling; only a Gemm may follow
-        elif node.op in RESHAPES and first.kind != "gemm":
-            # Conv -> Gemm only when trivial: [N, C, 1, ..., 1] flattened to [N, C].
-            before, after = _static_shape(node.inputs[0]), _static_shape(node.outputs[0])
-            if before is None or after is None or len(before) < 3 or any(d != 1 for d in before[2:]):
-                return None
-            if before[1] != first.channels_out or len(after) != 2 or after[1] != first.channels_out:
-                return None
-            if node.op == "Flatten" and int(node.attrs.get("axis", 1)) != 1:
-                return None
-            reshaped = True
-        else:
-            return None
-        tensor = node.outputs[0]
-
-
-def find_chains(model: Model, clips: dict[str, list] | None = None) -> list[list[Layer]]:
-    """Chains (in graph order) of two or more layers that CLE can scale through.
-
-    With a `clips` dict, chains also pass Clip(0, b) nodes; clips[layer] lists those after a layer.
-    """
-    subgraphs = model.has_subgraphs()
-    layers = {}
-    for node in model.nodes:
-        layer = _layer(model, node, subgraphs)
-        if layer is not None:
-            layers[node.name] = layer
-    graph = nx.DiGraph()
-    for layer in layers.values():
-        passed: list | None = [] if clips is not None else None
-        nxt = _next_layer(model, layer, layers, subgraphs, passed)
-        if nxt is not None:
-            graph.add_edge(layer.name, nxt.name)
-            if passed:
-                clips[layer.name] = passed
-    chains = []
-    # Each layer has one data input and its output one consumer: the components are simple paths.
-    for component in nx.weakly_connected_components(graph):
-        order = list(nx.topological_sort(graph.subgraph(component)))
-        chains.append([layers[name] for name in order])
-    position = {node.name: i for i, node in enumerate(model.nodes)}
-    chains.sort(key=lambda chain: position[chain[0].name])
-    return chains
-
-
-def layer_groups(chain: list[Layer]) -> list[tuple[Layer, ...]]:
-    """AIMET's cut of a chain: triplets around a depthwise layer, pairs otherwise."""
-    groups: list[tuple[Layer, ...]] = []
-    i = 0
-    while i < len(chain) - 1:
-        if chain[i + 1].kind == "dw" and i + 2 < len(chain):
-            groups.append((chain[i], chain[i + 1], chain[i + 2]))
-            i += 2
-        else:
-            groups.append((chain[i], chain[i + 1]))
-            i += 1
-    return groups
+    objective: str = option(
+        "ranges", "ranges: equalize weight ranges (DFQ; no data); noise: choose each pair's scales to minimise "
+                  "the expected per-tensor int8 quantization noise of both weights and the activation between "
+                  "them (calibration data; depthwise triplets are treated as two pairs)",
+        choices=("ranges", "noise"))
+    samples: int = option(0, "objective=noise: calibration samples for the activation statistics (0 = all)")
+    batch_size: int = option(8, "objective=noise: samples per ORT run")
 
 
 # ------------------------------------------------------------------ scaling (float64 working copies)
@@ -326,11 +160,68 @@ def _rescale_clip(model: Model, clip, layer: Layer, s: np.ndarray) -> bool:
     return True
 
 
-def equalize(model: Model, iterations: int = 20, tolerance: float = 1e-4, clips: str = "stop") -> dict:
-    """Equalize every layer group in place; returns stats (`groups` 0 or no change: nothing written)."""
+def _upper_bound(model: Model, clips: list) -> np.ndarray | None:
+    """The per-channel upper bound that the Clip(0, b) / Min nodes after a layer put on its output."""
+    bound = None
+    for clip in clips:
+        if clip.op == "Min":
+            b = model.constant_value(clip.inputs[1]).astype(np.float64).reshape(-1)
+        else:
+            b = np.float64(model.clip_bounds(clip)[1])
+        bound = b if bound is None else np.minimum(bound, b)
+    return None if bound is None or not np.all(np.isfinite(bound)) else bound
+
+
+def _noise_pair(state: _State, first: Layer, second: Layer, stats: dict[str, ChannelStats],
+                previous: Layer | None, bound: np.ndarray | None) -> np.ndarray:
+    """cle{objective=noise}: the scales minimising the pair's modelled quantization noise (qonnx/cle_noise.py).
+
+    Where a Clip(0, b) sits between the layers, a channel's activation range is b, not the largest value
+    calibration saw: EfficientNet-Lite0 has channels that are active on a few images only, and a scale
+    that trusts their quiet calibration range clips them on new data (the chosen scales then also
+    depend on which calibration images were used).
+    """
+    w1, w2 = state.w[first.name], state.w[second.name]
+    between = stats[second.node.inputs[0].name].scaled(state.out_scale[first.name])
+    source = stats[first.node.inputs[0].name]
+    if previous is not None:
+        source = source.scaled(state.out_scale[previous.name])
+    taps = int(np.prod(w1.shape[2:])) if first.kind != "gemm" else 1
+    alpha = taps * (source.mean_sq if first.kind == "dw" else np.sum(source.mean_sq))
+    beta = np.sum(_moved(w2, second.in_axis) ** 2, axis=1)
+    n2 = w2.size / second.channels_in
+    qa = 255.0 if between.nonnegative else 127.5
+    peak = between.max_abs
+    if bound is not None:  # the range a channel may reach on new data, however quiet it was in calibration
+        peak = np.maximum(peak, bound / state.out_scale[first.name])
+    s, _, _ = noise_scales(out_ranges(first, w1), in_ranges(second, w2), peak, alpha, beta,
+                           between.mean_sq, n2, qa)
+    state.divide_out(first, s)
+    state.multiply_in(second, s)
+    return s
+
+
+def statistics_needed(chains: list[list[Layer]]) -> list[str]:
+    """Tensors whose per-channel statistics cle{objective=noise} reads: every chained layer's input."""
+    return sorted({layer.node.inputs[0].name for chain in chains for layer in chain})
+
+
+def equalize(model: Model, iterations: int = 20, tolerance: float = 1e-4, clips: str = "stop",
+             statistics=None) -> dict:
+    """Equalize every layer group in place; returns stats (`groups` 0 or no change: nothing written).
+
+    With `statistics` (a function from tensor names to their ChannelStats), the scales minimise the
+    modelled quantization noise of weights and activations instead of equalizing weight ranges.
+    """
     clip_nodes: dict[str, list] | None = {} if clips == "exact" else None
     chains = find_chains(model, clip_nodes)
-    groups = [g for chain in chains for g in layer_groups(chain)]
+    if statistics is None:
+        groups = [g for chain in chains for g in layer_groups(chain)]
+    else:
+        groups = [(a, b) for chain in chains for a, b in zip(chain, chain[1:])]
+        previous = {b.name: a for chain in chains for a, b in zip(chain, chain[1:])}
+        channel_stats = statistics(statistics_needed(chains)) if groups else {}
+        bounds = {name: _upper_bound(model, clips) for name, clips in (clip_nodes or {}).items()}
     stats = {"chains": len(chains), "pairs": sum(len(g) == 2 for g in groups),
              "triplets": sum(len(g) == 3 for g in groups), "sweeps": 0, "max_log_scale": 0.0,
              "first_max_log_scale": 0.0, "converged": True, "changed": False, "clips_rescaled": 0}
@@ -341,7 +232,11 @@ def equalize(model: Model, iterations: int = 20, tolerance: float = 1e-4, clips:
     for sweep in range(max(1, iterations)):
         worst = 0.0
         for group in groups:
-            scales = (scale_pair(state, *group),) if len(group) == 2 else scale_triplet(state, *group)
+            if statistics is not None:
+                scales = (_noise_pair(state, *group, channel_stats, previous.get(group[0].name),
+                                      bounds.get(group[0].name)),)
+            else:
+                scales = (scale_pair(state, *group),) if len(group) == 2 else scale_triplet(state, *group)
             for s in scales:
                 if s.size:
                     worst = max(worst, float(np.max(np.abs(np.log(s)))))
@@ -384,13 +279,25 @@ class CrossLayerEqualization(Pass):
                                      "would be stale: run cle before calibrate"}
     exact = True
 
+    def __init__(self, options=None):
+        super().__init__(options)
+        if self.options.objective == "noise":
+            self.requires = frozenset({"calibration-data"})
+
     def run(self, model: Model, ctx) -> PassResult:
         calibrated = sorted(name for name, entry in model.quant.tensors.items() if entry.calibrated)
         if calibrated:
             raise PreconditionError(
                 f"pass 'cle' cannot run on a calibrated model ({len(calibrated)} tensors have parameters, "
                 f"e.g. '{calibrated[0]}'): run cle before calibrate")
-        stats = equalize(model, self.options.iterations, self.options.tolerance, self.options.clips)
+        opts = self.options
+        statistics = None
+        if opts.objective == "noise":
+            def statistics(names: list[str]) -> dict[str, ChannelStats]:
+                data = ctx.calibration.head(opts.samples) if opts.samples else ctx.calibration
+                return collect_channel_stats(stream_tensors(model.to_onnx(), names, data.batches(opts.batch_size),
+                                                            ctx.options.get("threads")))
+        stats = equalize(model, opts.iterations, opts.tolerance, opts.clips, statistics)
         changed = stats.pop("changed")
         if changed and not stats["converged"]:
             log.info("cle: stopped after %d sweeps with max |log s| = %.3g", stats["sweeps"], stats["max_log_scale"])

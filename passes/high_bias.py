@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from passes.cle import find_chains
+from qonnx.chains import find_chains
 from qonnx.ir import Model
 from qonnx.layers import channel_response
 from qonnx.pipeline import Pass, PassResult, register

@@ -107,9 +107,11 @@ PRESETS: dict[str, tuple[str, str]] = {
         "INT8 with plain min/max activation ranges (fastest calibration)",
     ),
     "w8a8-pertensor": (
-        "canonicalize,fold-bn,cle,smooth,plan{per_channel=false},embeddings,calibrate,protect,bias-correction",
+        "canonicalize,fold-bn,cle{objective=noise},smooth,plan{per_channel=false},embeddings,calibrate,protect,"
+        "bias-correction",
         "INT8 with one weight scale per tensor (accelerators without per-channel support): cross-layer "
-        "equalization and bias correction recover what per-tensor rounding loses",
+        "equalization with scales that balance weight and activation noise, and bias correction, recover what "
+        "per-tensor rounding loses",
     ),
     "dfq": (
         "canonicalize,fold-bn,plan,estimate-ranges,bias-correction{mode=analytic}",

@@ -21,7 +21,8 @@ from conftest import (
 from onnx import numpy_helper
 
 import qonnx
-from passes.cle import find_chains, in_ranges, out_ranges
+from passes.cle import in_ranges, out_ranges
+from qonnx.chains import find_chains
 from qonnx.errors import PreconditionError
 from qonnx.manager import PassContext, PassManager
 from qonnx.pipeline import Pipeline, registry
