@@ -34,7 +34,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from qonnx.chains import Layer, find_chains, layer_groups
+from qonnx.chains import Layer, activation_output, find_chains, layer_groups
 from qonnx.cle_noise import ChannelStats, collect_channel_stats, noise_scales
 from qonnx.errors import PreconditionError
 from qonnx.ir import Model
@@ -173,16 +173,18 @@ def _upper_bound(model: Model, clips: list) -> np.ndarray | None:
 
 
 def _noise_pair(state: _State, first: Layer, second: Layer, stats: dict[str, ChannelStats],
-                previous: Layer | None, bound: np.ndarray | None) -> np.ndarray:
+                previous: Layer | None, bound: np.ndarray | None, activation: str) -> np.ndarray:
     """cle{objective=noise}: the scales minimising the pair's modelled quantization noise (qonnx/cle_noise.py).
 
     Where a Clip(0, b) sits between the layers, a channel's activation range is b, not the largest value
     calibration saw: EfficientNet-Lite0 has channels that are active on a few images only, and a scale
     that trusts their quiet calibration range clips them on new data (the chosen scales then also
-    depend on which calibration images were used).
+    depend on which calibration images were used). `activation` names the quantized tensor after the
+    activations, which is `second`'s input unless pooling sits between (its peak is the larger one).
     """
     w1, w2 = state.w[first.name], state.w[second.name]
     between = stats[second.node.inputs[0].name].scaled(state.out_scale[first.name])
+    before_pool = stats[activation].scaled(state.out_scale[first.name])
     source = stats[first.node.inputs[0].name]
     if previous is not None:
         source = source.scaled(state.out_scale[previous.name])
@@ -190,8 +192,8 @@ def _noise_pair(state: _State, first: Layer, second: Layer, stats: dict[str, Cha
     alpha = taps * (source.mean_sq if first.kind == "dw" else np.sum(source.mean_sq))
     beta = np.sum(_moved(w2, second.in_axis) ** 2, axis=1)
     n2 = w2.size / second.channels_in
-    qa = 255.0 if between.nonnegative else 127.5
-    peak = between.max_abs
+    qa = 255.0 if between.nonnegative and before_pool.nonnegative else 127.5
+    peak = np.maximum(between.max_abs, before_pool.max_abs)
     if bound is not None:  # the range a channel may reach on new data, however quiet it was in calibration
         peak = np.maximum(peak, bound / state.out_scale[first.name])
     s, _, _ = noise_scales(out_ranges(first, w1), in_ranges(second, w2), peak, alpha, beta,
@@ -201,9 +203,11 @@ def _noise_pair(state: _State, first: Layer, second: Layer, stats: dict[str, Cha
     return s
 
 
-def statistics_needed(chains: list[list[Layer]]) -> list[str]:
-    """Tensors whose per-channel statistics cle{objective=noise} reads: every chained layer's input."""
-    return sorted({layer.node.inputs[0].name for chain in chains for layer in chain})
+def statistics_needed(model: Model, chains: list[list[Layer]]) -> list[str]:
+    """Tensors whose per-channel statistics cle{objective=noise} reads: every chained layer's input and
+    the activation output after every layer but the last of a chain."""
+    inputs = {layer.node.inputs[0].name for chain in chains for layer in chain}
+    return sorted(inputs | {activation_output(model, layer) for chain in chains for layer in chain[:-1]})
 
 
 def equalize(model: Model, iterations: int = 20, tolerance: float = 1e-4, clips: str = "stop",
@@ -220,7 +224,8 @@ def equalize(model: Model, iterations: int = 20, tolerance: float = 1e-4, clips:
     else:
         groups = [(a, b) for chain in chains for a, b in zip(chain, chain[1:])]
         previous = {b.name: a for chain in chains for a, b in zip(chain, chain[1:])}
-        channel_stats = statistics(statistics_needed(chains)) if groups else {}
+        channel_stats = statistics(statistics_needed(model, chains)) if groups else {}
+        activations = {a.name: activation_output(model, a) for chain in chains for a in chain[:-1]}
         bounds = {name: _upper_bound(model, clips) for name, clips in (clip_nodes or {}).items()}
     stats = {"chains": len(chains), "pairs": sum(len(g) == 2 for g in groups),
              "triplets": sum(len(g) == 3 for g in groups), "sweeps": 0, "max_log_scale": 0.0,
@@ -234,7 +239,7 @@ def equalize(model: Model, iterations: int = 20, tolerance: float = 1e-4, clips:
         for group in groups:
             if statistics is not None:
                 scales = (_noise_pair(state, *group, channel_stats, previous.get(group[0].name),
-                                      bounds.get(group[0].name)),)
+                                      bounds.get(group[0].name), activations[group[0].name]),)
             else:
                 scales = (scale_pair(state, *group),) if len(group) == 2 else scale_triplet(state, *group)
             for s in scales:

@@ -193,3 +193,17 @@ def layer_groups(chain: list[Layer]) -> list[tuple[Layer, ...]]:
             groups.append((chain[i], chain[i + 1]))
             i += 1
     return groups
+
+
+def activation_output(model: Model, first: Layer) -> str:
+    """The tensor the activations after `first` leave: what is quantized between it and the next layer,
+    before any pooling or reshaping that the chain also passes (Conv -> Relu -> GlobalAveragePool -> Gemm)."""
+    tensor = first.node.outputs[0]
+    while True:
+        consumers = model.consumers(tensor)
+        if len(consumers) != 1 or model.is_graph_output(tensor):
+            return tensor.name
+        node = consumers[0]
+        if node.op not in HOMOGENEOUS | BOUNDED | {"Min"} or len(node.outputs) != 1:
+            return tensor.name
+        tensor = node.outputs[0]

@@ -99,7 +99,7 @@ def _search(args, qa: float) -> np.ndarray:
     cells: the landscape has several basins, and refining only the best coarse cell can miss the
     optimum by a few percent."""
     cells = _best_cells(_COARSE, _COARSE, args, qa, keep=4)
-    for step, keep in ((1.0, 2), (0.1, 1)):
+    for step, keep in ((1.0, 4), (0.1, 1)):
         cells = sorted((cell for _, u, v, _ in cells[:keep]
                         for cell in _best_cells(np.maximum(u + step * _FINE, 0.0),
                                                 np.maximum(v + step * _FINE, 0.0), args, qa, keep)),
@@ -125,11 +125,13 @@ def noise_scales(r1, r2, a, alpha, beta, energy, n2, qa: float, min_gain: float 
     dead = ~live
     if dead.any():
         r1_max, a_max, r2_max = np.max(r1[live] / s[live]), np.max(a[live] / s[live]), np.max(r2[live] * s[live])
-        low = np.maximum(r1[dead] / r1_max, a[dead] / a_max if a_max > 0 else 0.0)
+        zeros = np.zeros(int(dead.sum()))
+        low = np.maximum(np.divide(r1[dead], r1_max, out=zeros.copy(), where=r1_max > 0),
+                         np.divide(a[dead], a_max, out=zeros.copy(), where=a_max > 0))
         high = np.divide(r2_max, r2[dead], out=np.full(dead.sum(), np.inf), where=r2[dead] > 0)
         s[dead] = np.where(low <= high, np.clip(1.0, low, high), np.sqrt(low * high))
-        s[dead] = np.where(s[dead] > 0, s[dead], 1.0)
+        s[dead] = np.where((s[dead] > 0) & np.isfinite(s[dead]), s[dead], 1.0)
     after = float(pair_noise(s, r1, r2, a, alpha, beta, energy, n2, qa))
-    if after >= before * (1.0 - min_gain):
+    if not np.isfinite(after) or after >= before * (1.0 - min_gain):
         return ones, before, before
     return s, before, after
