@@ -95,20 +95,24 @@ def test_channel_stats_are_streamed_per_channel():
 
 
 # --------------------------------------------------------------------------- end to end
+def edited(model, **edits):
+    """The model with the named initializers replaced by edits[name](their value)."""
+    for init in model.graph.initializer:
+        if init.name in edits:
+            init.CopyFrom(numpy_helper.from_array(edits[init.name](numpy_helper.to_array(init).copy()), init.name))
+    return model
+
+
+def channel0(v: np.ndarray, factor: float | None = None, value: float | None = None) -> np.ndarray:
+    v = v.copy()
+    v[0] = v[0] * factor if factor is not None else value
+    return v
+
+
 def loud_bias(seed=60):
     """conv_relu_conv whose channel 0 has ~zero weights but a bias of 8: a large, constant activation.
     Range equalization scales that channel up (its weights are tiny) and with it the activation range."""
-    base = conv_relu_conv(seed)
-    for init in base.graph.initializer:
-        value = numpy_helper.to_array(init).copy()
-        if init.name == "w1":
-            value[0] *= 0.01
-        elif init.name == "b1":
-            value[0] = 8.0
-        else:
-            continue
-        init.CopyFrom(numpy_helper.from_array(value, init.name))
-    return base
+    return edited(conv_relu_conv(seed), w1=lambda v: channel0(v, factor=0.01), b1=lambda v: channel0(v, value=8.0))
 
 
 def per_tensor_sqnr(model, prefix: str) -> float:
@@ -177,17 +181,7 @@ def quiet_clipped_channel(seed=61):
     although nothing stops it from reaching the bound 6 on other inputs."""
     base = conv_relu_conv(seed, act="r = Clip (c1, lo, hi)",
                           extra_inits={"lo": np.array(0.0, np.float32), "hi": np.array(6.0, np.float32)})
-    for init in base.graph.initializer:
-        value = numpy_helper.to_array(init).copy()
-        if init.name == "w1":
-            value *= 4.0
-            value[0] *= 1e-3
-        elif init.name == "b1":
-            value[0] = 0.0
-        else:
-            continue
-        init.CopyFrom(numpy_helper.from_array(value, init.name))
-    return base
+    return edited(base, w1=lambda v: channel0(v * 4.0, factor=1e-3), b1=lambda v: channel0(v, value=0.0))
 
 
 def reachable_ranges(model) -> np.ndarray:
