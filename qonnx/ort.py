@@ -144,7 +144,13 @@ def bound_heap_growth() -> None:
 def stream_tensors(proto: onnx.ModelProto, names: Iterable[str], batches: Iterable[dict[str, np.ndarray]],
                    threads: int | None = None) -> Iterator[tuple[dict[str, np.ndarray], dict[str, np.ndarray]]]:
     """Yield (feed, {name: value}) per batch for the named tensors: graph inputs come from the
-    feed, intermediate tensors are the outputs of an in-memory session that runs only the nodes they need."""
+    feed, intermediate tensors are the outputs of an in-memory session that runs only the nodes they need.
+
+    Each yielded dict is emptied when the next batch is asked for: a caller that still held the
+    previous batch's outputs would keep two batches alive during the run, and ORT's arena grows to fit
+    both (Lite0 calibration: 1112 MB peak with 100 samples, 1392 MB with 1000; emptied, 841 and 832 MB).
+    Arrays the caller keeps a reference to stay valid: only the dict lets go of them.
+    """
     bound_heap_growth()
     names = list(names)
     graph_inputs = {i.name for i in proto.graph.input}
@@ -155,6 +161,7 @@ def stream_tensors(proto: onnx.ModelProto, names: Iterable[str], batches: Iterab
         values = dict(zip(wanted, session.run(wanted, feed))) if wanted else {}
         values.update({n: feed[n] for n in names if n in graph_inputs})
         yield feed, values
+        values.clear()  # see the docstring: one batch of outputs alive at a time
 
 
 def run_batches(session: ort.InferenceSession, batches: Iterable[dict[str, np.ndarray]],
