@@ -230,6 +230,13 @@ def determinism_section(tasks: dict[str, Any]) -> list[str]:
     return lines + [""]
 
 
+def _rounds_floor(st: dict[str, Any]) -> str:
+    seconds = st.get("latency_seconds") or 0
+    if not seconds:
+        return ""
+    return f" (more, up to {10 * st['runs']}, until {seconds:g} s have passed: small models get more rounds)"
+
+
 def method_section(results: dict[str, Any]) -> list[str]:
     m, st = results["machine"], results["settings"]
     defaults = ", ".join(f"{k}={v}" for k, v in m["ort_static_defaults"].items())
@@ -273,9 +280,11 @@ def method_section(results: dict[str, Any]) -> list[str]:
         f"Latency: ONNX Runtime {m['onnxruntime']} CPU execution provider, `qonnx.ort.latency_session` (all "
         "graph optimisations, sequential execution, intra-op threads = t, inter-op 1, idle workers sleep instead "
         "of spinning), batch 1 (the first evaluation "
-        f"sample), {st['warmup']} warm-up runs per model, then {runs} rounds in which every model of the task runs "
-        "once in turn (interleaved, so machine noise hits all alike; with ORT's default spinning the idle "
-        "workers of the other models would take the cores from the one being timed); the cell is the median. The ratios "
+        f"sample), {st['warmup']} warm-up runs per model, then {runs} rounds{_rounds_floor(st)} in which every "
+        "model of the task runs once, in a seeded shuffled order per round (interleaved, so machine noise hits all "
+        "alike; shuffled, so no model always runs after the same neighbour, whose weights it finds in the caches; "
+        "with ORT's default spinning the idle workers of the other models would take the cores from the one being "
+        "timed); the cell is the median. The ratios "
         "×FP32 and ×ORT-best divide medians measured in that same call. p10/p90 are in the JSON. The machine "
         "was shared with other work while this ran (load averages around each measurement are in the notes); at "
         "t2 every core is in use, so t2 medians are the noisier ones.",

@@ -120,12 +120,15 @@ class Settings:
     threads: tuple[int, ...]
     scaling_sizes: tuple[int, int]
     seed: int = 0
+    # Rounds go on past `runs` until this much time has passed (at most 10x runs): 100 rounds of a
+    # 25-microsecond model are a few milliseconds, too short for a steady median.
+    latency_seconds: float = 0.0
 
     @classmethod
     def make(cls, quick: bool, runs: int | None) -> Settings:
         if quick:
             return cls(True, 8, 32, 2, runs or 10, (1, 2), (16, 64))
-        return cls(False, None, None, 10, runs or 100, (1, 2), (100, 1000))
+        return cls(False, None, None, 10, runs or 100, (1, 2), (100, 1000), latency_seconds=3.0)
 
 
 def say(msg: str) -> None:
@@ -301,7 +304,7 @@ def latency(rows: list[dict[str, Any]], tdir: Path, st: Settings) -> dict[str, A
     load = {"loadavg_before": loadavg()}
     for t in st.threads:
         sessions = [latency_session(r["path"], threads=t) for r in live]
-        results = measure_latency(sessions, feed, warmup=st.warmup, runs=st.runs)
+        results = measure_latency(sessions, feed, warmup=st.warmup, runs=st.runs, min_seconds=st.latency_seconds)
         by_label = {r["label"]: lat for r, lat in zip(live, results, strict=True)}
         for r, lat in zip(live, results, strict=True):
             r.setdefault("latency", {})[f"t{t}"] = {
