@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -143,7 +144,7 @@ def optimize(
     if inner_layers:
         result.notes.append(f"{inner_layers} compute layers inside If/Loop subgraphs stay float (passed through)")
     if not ir.quant.layers and not ir.quant.dynamic and not ir.quant.gathers:
-        result.notes.append("no layer of the main graph could be quantized: the output equals the float model")
+        result.notes.append(_nothing_quantized_note(ir.quant.kept_float))
     if check_fusion and quantized:
         result.fusion = fusion_report(proto)
         for op, name in result.fusion.float_layers:
@@ -152,6 +153,14 @@ def optimize(
     if heldout is not None:
         result.fidelity = evaluate_fidelity(source_bytes, result.to_bytes(), heldout, threads=threads)
     return result
+
+
+def _nothing_quantized_note(kept_float: dict[str, str]) -> str:
+    if not kept_float:
+        return "no layer of the main graph could be quantized: the output equals the float model"
+    reasons = Counter(kept_float.values())
+    why = "; ".join(f"{n} layer{'s' if n > 1 else ''}: {reason}" for reason, n in reasons.most_common())
+    return f"every layer was kept float, so the output equals the float model ({why})"
 
 
 def quantize_file(input_path: str | os.PathLike[str], output_path: str | os.PathLike[str], calibration: Any = None,

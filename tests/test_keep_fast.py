@@ -61,6 +61,19 @@ def test_int8_slower_everywhere_keeps_the_model_float_and_says_why(monkeypatch, 
     assert again.run(ir, ctx).modified is False
 
 
+def test_optimize_says_the_model_was_kept_float_and_why(monkeypatch):
+    import qonnx
+
+    monkeypatch.setattr(keep_fast, "measure_latency",
+                        lambda sessions, feed, **_: [Latency(1.0, 1.0, 1.0, 30), Latency(1.5, 1.0, 1.0, 30)])
+    model = conv_bn_relu_conv()
+    result = qonnx.optimize(model, make_samples(model, 16), pipeline="canonicalize,fold-bn,plan,calibrate,keep-fast",
+                            holdout=0)
+    assert not any(n.op_type == "QuantizeLinear" for n in result.model.graph.node)
+    (note,) = [n for n in result.notes if "float model" in n]
+    assert note.startswith("every layer was kept float") and "2 layers" in note and "measured slower" in note
+
+
 def test_int8_wins_once_small_layers_are_float(monkeypatch, model_and_ctx):
     ir, ctx = model_and_ctx
     total = len(ir.quant.layers)
