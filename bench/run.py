@@ -77,6 +77,9 @@ VARIANTS: dict[str, dict[str, Variant]] = {
         "qonnx-w8a8-pertensor": Variant("w8a8-pertensor"),
         "qonnx-dfq": Variant("dfq", uses_data=False),
         "qonnx-dfq-pertensor": Variant("dfq-pertensor", uses_data=False),
+        "qonnx-dfq-pertensor-cle-ranges": Variant("canonicalize,fold-bn,cle,high-bias-absorption,"
+                                                  "plan{per_channel=false},estimate-ranges,"
+                                                  "bias-correction{mode=analytic}", uses_data=False),
         "qonnx-w4a8": Variant("w4a8", timed=True),
         "qonnx-w4a8-block32": Variant(W4_BLOCK32 + ",adaround"),
         # Issue 7: AdaRound start, then QAT distilled from the float model on 2,048 unlabelled crops of the

@@ -35,9 +35,10 @@ from dataclasses import dataclass
 import numpy as np
 
 from qonnx.chains import Layer, activation_output, find_chains, layer_groups
-from qonnx.cle_noise import ChannelStats, collect_channel_stats, noise_scales
+from qonnx.cle_noise import ChannelStats, collect_channel_stats, noise_scales, stats_from_moments
 from qonnx.errors import PreconditionError
 from qonnx.ir import Model
+from qonnx.moments import propagate_moments
 from qonnx.ort import stream_tensors
 from qonnx.pipeline import Pass, PassResult, option, register
 
@@ -57,6 +58,14 @@ class CleOptions:
                   "the expected per-tensor int8 quantization noise of both weights and the activation between "
                   "them (calibration data; depthwise triplets are treated as two pairs)",
         choices=("ranges", "noise"))
+    statistics: str = option(
+        "data", "objective=noise: where the per-channel statistics come from; data: one pass over the "
+                "calibration set; moments: Gaussian moments from the folded BatchNorm statistics carried "
+                "through the graph (no data; pairs reading a tensor with no estimate get range CLE)",
+        choices=("data", "moments"))
+    input_range: tuple[float, ...] = option(
+        (-1.0, 1.0), "statistics=moments: range of the model's float inputs, 'low;high'")
+    width: float = option(8.0, "statistics=moments: a channel's peak is its mean + width standard deviations")
     samples: int = option(0, "objective=noise: calibration samples for the activation statistics (0 = all)")
     batch_size: int = option(8, "objective=noise: samples per ORT run")
 
@@ -194,13 +203,21 @@ def _noise_pair(state: _State, first: Layer, second: Layer, stats: dict[str, Cha
     n2 = w2.size / second.channels_in
     qa = 255.0 if between.nonnegative and before_pool.nonnegative else 127.5
     peak = np.maximum(between.max_abs, before_pool.max_abs)
-    if bound is not None:  # the range a channel may reach on new data, however quiet it was in calibration
-        peak = np.maximum(peak, bound / state.out_scale[first.name])
+    if bound is not None:
+        # The range a channel may reach on new data, however quiet it was in calibration; and the most it
+        # can reach where the peak is a Gaussian tail estimate (statistics=moments) rather than data.
+        peak = np.broadcast_to(bound / state.out_scale[first.name], peak.shape).astype(np.float64)
     s, _, _ = noise_scales(out_ranges(first, w1), in_ranges(second, w2), peak, alpha, beta,
                            between.mean_sq, n2, qa)
     state.divide_out(first, s)
     state.multiply_in(second, s)
     return s
+
+
+def _has_statistics(pair: tuple[Layer, Layer], channel_stats: dict, activations: dict[str, str]) -> bool:
+    first, second = pair
+    return all(n in channel_stats for n in (first.node.inputs[0].name, second.node.inputs[0].name,
+                                            activations[first.name]))
 
 
 def statistics_needed(model: Model, chains: list[list[Layer]]) -> list[str]:
@@ -237,9 +254,11 @@ def equalize(model: Model, iterations: int = 20, tolerance: float = 1e-4, clips:
     for sweep in range(max(1, iterations)):
         worst = 0.0
         for group in groups:
-            if statistics is not None:
+            if statistics is not None and _has_statistics(group, channel_stats, activations):
                 scales = (_noise_pair(state, *group, channel_stats, previous.get(group[0].name),
                                       bounds.get(group[0].name), activations[group[0].name]),)
+            elif statistics is not None:  # no estimate for a tensor it reads (moments): equalize ranges
+                scales = (scale_pair(state, *group),)
             else:
                 scales = (scale_pair(state, *group),) if len(group) == 2 else scale_triplet(state, *group)
             for s in scales:
@@ -286,7 +305,7 @@ class CrossLayerEqualization(Pass):
 
     def __init__(self, options=None):
         super().__init__(options)
-        if self.options.objective == "noise":
+        if self.options.objective == "noise" and self.options.statistics == "data":
             self.requires = frozenset({"calibration-data"})
 
     def run(self, model: Model, ctx) -> PassResult:
@@ -297,7 +316,17 @@ class CrossLayerEqualization(Pass):
                 f"e.g. '{calibrated[0]}'): run cle before calibrate")
         opts = self.options
         statistics = None
-        if opts.objective == "noise":
+        if opts.statistics == "moments" and opts.objective != "noise":
+            raise PreconditionError("cle: statistics=moments only applies to objective=noise")
+        if opts.objective == "noise" and opts.statistics == "moments":
+            if len(opts.input_range) != 2 or not opts.input_range[0] < opts.input_range[1]:
+                raise PreconditionError(f"cle: input_range must be 'low;high' with low < high, got {opts.input_range}")
+            input_range = (float(opts.input_range[0]), float(opts.input_range[1]))
+
+            def statistics(names: list[str]) -> dict[str, ChannelStats]:
+                moments = propagate_moments(model, input_range, opts.width)
+                return {n: stats_from_moments(moments[n], opts.width) for n in names if n in moments}
+        elif opts.objective == "noise":
             def statistics(names: list[str]) -> dict[str, ChannelStats]:
                 data = ctx.calibration.head(opts.samples) if opts.samples else ctx.calibration
                 return collect_channel_stats(stream_tensors(model.to_onnx(), names, data.batches(opts.batch_size),

@@ -63,6 +63,16 @@ def collect_channel_stats(stream) -> dict[str, ChannelStats]:
     return {n: ChannelStats(peak[n], sums[n] / counts[n], lowest[n] >= 0.0) for n in peak}
 
 
+def stats_from_moments(moments, width: float) -> ChannelStats:
+    """ChannelStats of a tensor with no data: a channel's peak is its mean +- `width` standard
+    deviations (inside the tensor's hard bounds), its energy the Gaussian E[h^2] = var + mean^2."""
+    std = np.sqrt(np.maximum(moments.var, 0.0))
+    low = np.clip(moments.mean - width * std, *moments.bound)
+    high = np.clip(moments.mean + width * std, *moments.bound)
+    return ChannelStats(np.maximum(np.abs(low), np.abs(high)), moments.var + moments.mean**2,
+                        bool(moments.bound[0] >= 0.0 or np.all(low >= 0.0)))
+
+
 def pair_noise(s: np.ndarray, r1, r2, a, alpha, beta, energy, n2, qa: float) -> np.ndarray:
     """N(s) for scale vectors s of shape [..., C] (broadcast over leading axes)."""
     r1_max = np.max(r1 / s, axis=-1, keepdims=True)

@@ -187,7 +187,17 @@ class MomentPropagator:
                 upper = _channel_constant(c, m.rank_of(node.inputs[0]) or c.ndim, x.mean.size)
                 if upper is None:
                     return None
-                mean, var = clipped_gaussian_moments(x.mean, np.sqrt(x.var), -np.inf, upper)
+                producer = m.producer(node.inputs[0])
+                relu_bounds = (m.clip_bounds(producer) if producer is not None and producer.op in ("Relu", "Clip")
+                               else None)
+                pre = self.result.get(producer.inputs[0].name) if relu_bounds is not None else None
+                if pre is not None:
+                    # Relu + Min is CLE's exact rewrite of Clip(0, b): clip the Gaussian before the Relu
+                    # once, as the Clip was, instead of treating the rectified tensor as a Gaussian again.
+                    mean, var = clipped_gaussian_moments(pre.mean, np.sqrt(pre.var), relu_bounds[0],
+                                                         np.minimum(upper, relu_bounds[1]))
+                else:
+                    mean, var = clipped_gaussian_moments(x.mean, np.sqrt(x.var), -np.inf, upper)
                 return Moments(mean, var, min(x.low, float(np.max(c))), min(x.high, float(np.max(c))),
                                (x.bound[0], min(x.bound[1], float(np.max(c)))))
             return self._clipped(x, float(np.min(c)), np.inf) if np.ptp(c) == 0 else None

@@ -119,10 +119,10 @@ PRESETS: dict[str, tuple[str, str]] = {
         "statistics carried through the graph (vision models without them: ranges from synthetic images)",
     ),
     "dfq-pertensor": (
-        "canonicalize,fold-bn,cle,high-bias-absorption,plan{per_channel=false},estimate-ranges,"
-        "bias-correction{mode=analytic}",
-        "data-free INT8 with per-tensor weights: DFQ's recipe (CLE, high-bias absorption, BN-statistics ranges, "
-        "analytic bias correction)",
+        "canonicalize,fold-bn,cle{objective=noise,statistics=moments},high-bias-absorption,plan{per_channel=false},"
+        "estimate-ranges,bias-correction{mode=analytic}",
+        "data-free INT8 with per-tensor weights: DFQ's recipe (high-bias absorption, BN-statistics ranges, analytic "
+        "bias correction) with CLE scales that minimise weight and activation noise, from BN statistics",
     ),
     "w8a8-adaround": (
         "canonicalize,fold-bn,smooth,plan,embeddings,calibrate{weights=mse},protect,keep-fast,adaround",

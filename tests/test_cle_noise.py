@@ -204,3 +204,78 @@ def test_a_quiet_clipped_channel_is_not_scaled_past_its_bound(use_bound, monkeyp
     # the bound as its range the per-tensor range it would need is part of the trade-off.
     ratio = reach[0] / np.max(reach[1:])
     assert (ratio < 1.5) if use_bound else (ratio > 10.0), reach
+
+
+# --------------------------------------------------------------------------- data-free statistics (moments)
+MOMENTS = "cle{objective=noise,statistics=moments}"
+
+
+def test_channel_stats_from_moments():
+    from qonnx.cle_noise import stats_from_moments
+    from qonnx.moments import Moments
+
+    free = stats_from_moments(Moments(np.array([1.0, -2.0, 0.0]), np.array([4.0, 1.0, 0.0]), 0, 0), width=3.0)
+    np.testing.assert_allclose(free.max_abs, [7.0, 5.0, 0.0])  # |mean| + 3 std
+    np.testing.assert_allclose(free.mean_sq, [5.0, 5.0, 0.0])  # var + mean^2
+    assert free.nonnegative is False
+    clipped = stats_from_moments(Moments(np.array([1.0, 5.0]), np.array([4.0, 4.0]), 0, 6, bound=(0.0, 6.0)),
+                                 width=3.0)
+    np.testing.assert_allclose(clipped.max_abs, [6.0, 6.0])  # the clip bound caps mean + 3 std
+    assert clipped.nonnegative is True
+
+
+@pytest.mark.parametrize("name", ["conv_relu_conv", "triplet", "chain3_leaky_prelu", "conv_gap_gemm", "bn",
+                                  "quiet_clipped_channel"])
+def test_moments_need_no_data_keep_the_float_model_and_settle(name):
+    from conftest import conv_bn_relu_conv
+
+    builders = {"bn": conv_bn_relu_conv, "quiet_clipped_channel": quiet_clipped_channel}
+    original = builders.get(name, NUMERIC_CASES.get(name))()
+    Pipeline.parse(MOMENTS).validate(frozenset())  # no calibration data needed
+    result = qonnx.optimize(original, None, pipeline=f"canonicalize,fold-bn,{MOMENTS},{MOMENTS}")
+    first, second = (r for r in result.records if r.name == "cle")
+    assert first.stats["pairs"] >= 1
+    # The moments follow the rescaled BatchNorm statistics and bounds, so the optimum is where the first
+    # run left it.
+    assert second.modified is False
+    feed = feed_for(original, seed=11, batch=2)
+    for a, b in zip(run_ort(original, feed), run_ort(result.model, feed), strict=True):
+        assert float(np.max(np.abs(a - b))) <= 1e-5 * float(np.max(np.abs(a)))
+
+
+def test_moments_keep_a_loud_activation_down_where_range_equalization_blows_it_up():
+    model = loud_bias()
+    ranges, moments = (per_tensor_sqnr(model, p) for p in ("cle,", MOMENTS + ","))
+    assert moments > ranges + 10.0, (ranges, moments)
+
+
+def test_a_pair_reading_a_tensor_with_no_estimate_gets_range_equalization():
+    from conftest import build_model, randn, rng
+
+    g = rng(62)
+    inits = {"w1": randn(g, 8, 3, 3, 3, scale=0.5), "b1": randn(g, 8, scale=0.2),
+             "w2": randn(g, 4, 8, 3, 3, scale=0.5), "b2": randn(g, 4, scale=0.1)}
+    inits["w1"][0] *= 50.0
+    inits["b1"][0] *= 50.0
+    inits["w2"][:, 0] /= 50.0
+    model = build_model("""
+    agraph (float[1,3,8,8] x) => (float[1,4,8,8] y) {
+        s = Sin (x)
+        c1 = Conv <kernel_shape = [3, 3], pads = [1, 1, 1, 1]> (s, w1, b1)
+        r = Relu (c1)
+        y = Conv <kernel_shape = [3, 3], pads = [1, 1, 1, 1]> (r, w2, b2)
+    }""", inits)
+    ranges = qonnx.optimize(model, None, pipeline="cle", verify=False).model
+    moments = qonnx.optimize(model, None, pipeline=MOMENTS, verify=False).model
+    for a, b in zip(ranges.graph.initializer, moments.graph.initializer, strict=True):
+        np.testing.assert_array_equal(numpy_helper.to_array(a), numpy_helper.to_array(b))
+    assert any(not np.array_equal(numpy_helper.to_array(a), inits[a.name]) for a in ranges.graph.initializer)
+
+
+def test_moments_option_checks():
+    with pytest.raises(PreconditionError, match="objective=noise"):
+        qonnx.optimize(conv_relu_conv(), None, pipeline="cle{statistics=moments}")
+    with pytest.raises(PreconditionError, match="input_range"):
+        qonnx.optimize(conv_relu_conv(), None, pipeline="cle{objective=noise,statistics=moments,input_range=[1;-1]}")
+    pipe = Pipeline.parse("cle{objective=noise,statistics=moments,input_range=[0.0;1.0],width=6.0}")
+    assert str(Pipeline.parse(str(pipe))) == str(pipe)

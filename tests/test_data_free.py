@@ -191,6 +191,32 @@ def test_per_channel_min_bounds_left_by_cle_are_estimated():
     assert result.ir.quant.layers and not result.ir.quant.kept_float
 
 
+def test_relu_and_min_left_by_cle_have_the_moments_of_the_clip_they_replace():
+    """CLE's exact rewrite of Clip(0, 6) as Relu + Min(6 / s) must not change the moment estimate: treating
+    the rectified tensor as Gaussian and clipping it again underestimated E[h^2] by up to a third."""
+    g = rng(63)
+    inits = {"w": randn(g, 4, 3, 1, 1, scale=2.0), "b": np.array([0.5, 2.0, -1.0, 5.0], np.float32),
+             "lo": np.array(0.0, np.float32), "hi": np.array(6.0, np.float32)}
+    clip = build_model("""
+    agraph (float[1,3,4,4] x) => (float[1,4,4,4] y) {
+        c = Conv (x, w, b)
+        y = Clip (c, lo, hi)
+    }""", inits)
+    s = np.array([0.5, 1.0, 2.0, 4.0], np.float32)
+    rewritten_inits = {"w": inits["w"] / s[:, None, None, None], "b": inits["b"] / s,
+                       "bound": (6.0 / s).reshape(1, 4, 1, 1)}
+    rewritten = build_model("""
+    agraph (float[1,3,4,4] x) => (float[1,4,4,4] y) {
+        c = Conv (x, w, b)
+        r = Relu (c)
+        y = Min (r, bound)
+    }""", rewritten_inits)
+    before = propagate_moments(import_proto(clip), (-1.0, 1.0))["y"]
+    after = propagate_moments(import_proto(rewritten), (-1.0, 1.0))["y"]
+    np.testing.assert_allclose(after.mean * s, before.mean, rtol=1e-5)
+    np.testing.assert_allclose(after.var * s**2, before.var, rtol=1e-5)
+
+
 def test_per_channel_bounds_equal_one_call_per_channel():
     mean, std, high = np.array([0.5, 2.0, 5.0]), np.array([1.0, 2.0, 0.5]), np.array([1.0, 6.0, 4.0])
     together = clipped_gaussian_moments(mean, std, 0.0, high)
