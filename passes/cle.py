@@ -214,10 +214,17 @@ def _noise_pair(state: _State, first: Layer, second: Layer, stats: dict[str, Cha
     return s
 
 
+def _names(group: tuple[Layer, ...]) -> tuple[str, ...]:
+    return tuple(layer.name for layer in group)
+
+
 def _has_statistics(pair: tuple[Layer, Layer], channel_stats: dict, activations: dict[str, str]) -> bool:
+    """Statistics for every tensor the pair's noise model reads, one value per channel (an estimate of a
+    tensor whose channel count was unknown has one value for all)."""
     first, second = pair
-    return all(n in channel_stats for n in (first.node.inputs[0].name, second.node.inputs[0].name,
-                                            activations[first.name]))
+    wanted = {first.node.inputs[0].name: first.channels_in, second.node.inputs[0].name: first.channels_out,
+              activations[first.name]: first.channels_out}
+    return all(n in channel_stats and channel_stats[n].max_abs.size == c for n, c in wanted.items())
 
 
 def statistics_needed(model: Model, chains: list[list[Layer]]) -> list[str]:
@@ -236,17 +243,28 @@ def equalize(model: Model, iterations: int = 20, tolerance: float = 1e-4, clips:
     """
     clip_nodes: dict[str, list] | None = {} if clips == "exact" else None
     chains = find_chains(model, clip_nodes)
+    range_groups = [g for chain in chains for g in layer_groups(chain)]
+    noisy: set[tuple[str, ...]] = set()  # layer names of the pairs whose scales come from the noise objective
     if statistics is None:
-        groups = [g for chain in chains for g in layer_groups(chain)]
+        groups = range_groups
     else:
-        groups = [(a, b) for chain in chains for a, b in zip(chain, chain[1:])]
         previous = {b.name: a for chain in chains for a, b in zip(chain, chain[1:])}
-        channel_stats = statistics(statistics_needed(model, chains)) if groups else {}
+        channel_stats = statistics(statistics_needed(model, chains)) if range_groups else {}
         activations = {a.name: activation_output(model, a) for chain in chains for a in chain[:-1]}
         bounds = {name: _upper_bound(model, clips) for name, clips in (clip_nodes or {}).items()}
+        groups = []
+        for group in range_groups:
+            pairs = list(zip(group, group[1:]))
+            if all(_has_statistics(pair, channel_stats, activations) for pair in pairs):
+                groups += pairs  # a depthwise triplet's two pairs, each with its own activation
+                noisy.update(_names(pair) for pair in pairs)
+            else:  # no estimate for a tensor it reads (moments): the group keeps range equalization
+                groups.append(group)
     stats = {"chains": len(chains), "pairs": sum(len(g) == 2 for g in groups),
              "triplets": sum(len(g) == 3 for g in groups), "sweeps": 0, "max_log_scale": 0.0,
              "first_max_log_scale": 0.0, "converged": True, "changed": False, "clips_rescaled": 0}
+    if statistics is not None:
+        stats["groups_on_ranges"] = sum(_names(g) not in noisy for g in groups)
     if not groups:
         return stats
     state = _State(model, chains)
@@ -254,11 +272,9 @@ def equalize(model: Model, iterations: int = 20, tolerance: float = 1e-4, clips:
     for sweep in range(max(1, iterations)):
         worst = 0.0
         for group in groups:
-            if statistics is not None and _has_statistics(group, channel_stats, activations):
+            if _names(group) in noisy:
                 scales = (_noise_pair(state, *group, channel_stats, previous.get(group[0].name),
                                       bounds.get(group[0].name), activations[group[0].name]),)
-            elif statistics is not None:  # no estimate for a tensor it reads (moments): equalize ranges
-                scales = (scale_pair(state, *group),)
             else:
                 scales = (scale_pair(state, *group),) if len(group) == 2 else scale_triplet(state, *group)
             for s in scales:
@@ -305,8 +321,18 @@ class CrossLayerEqualization(Pass):
 
     def __init__(self, options=None):
         super().__init__(options)
-        if self.options.objective == "noise" and self.options.statistics == "data":
+        opts = self.options
+        if opts.statistics == "moments" and opts.objective != "noise":
+            raise PreconditionError("cle: statistics=moments only applies to objective=noise")
+        if len(opts.input_range) != 2 or not opts.input_range[0] < opts.input_range[1]:
+            raise PreconditionError(f"cle: input_range must be 'low;high' with low < high, got {opts.input_range}")
+        if opts.objective == "noise" and opts.statistics == "data":
             self.requires = frozenset({"calibration-data"})
+
+    def assumed_input_range(self) -> tuple[float, ...] | None:
+        if self.options.objective == "noise" and self.options.statistics == "moments":
+            return tuple(float(v) for v in self.options.input_range)
+        return None
 
     def run(self, model: Model, ctx) -> PassResult:
         calibrated = sorted(name for name, entry in model.quant.tensors.items() if entry.calibrated)
@@ -316,11 +342,7 @@ class CrossLayerEqualization(Pass):
                 f"e.g. '{calibrated[0]}'): run cle before calibrate")
         opts = self.options
         statistics = None
-        if opts.statistics == "moments" and opts.objective != "noise":
-            raise PreconditionError("cle: statistics=moments only applies to objective=noise")
         if opts.objective == "noise" and opts.statistics == "moments":
-            if len(opts.input_range) != 2 or not opts.input_range[0] < opts.input_range[1]:
-                raise PreconditionError(f"cle: input_range must be 'low;high' with low < high, got {opts.input_range}")
             input_range = (float(opts.input_range[0]), float(opts.input_range[1]))
 
             def statistics(names: list[str]) -> dict[str, ChannelStats]:

@@ -110,6 +110,9 @@ class EstimateRanges(Pass):
     exact = True
     edits_graph = False
 
+    def assumed_input_range(self) -> tuple[float, ...]:
+        return tuple(float(v) for v in self.options.input_range)
+
     def run(self, model: Model, ctx) -> PassResult:
         opts = self.options
         if len(opts.input_range) != 2 or not opts.input_range[0] < opts.input_range[1]:

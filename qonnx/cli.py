@@ -44,7 +44,8 @@ def main() -> None:
 @click.option("--preset", help="A named pipeline (see `qonnx passes`); default w8a8.")
 @click.option("--passes", "passes_text", help="A pipeline text, e.g. 'canonicalize,fold-bn,plan,calibrate{method=mse}'.")
 @click.option("--data-free", is_flag=True, help="Quantize with no calibration data (preset dfq; ranges from "
-              "BatchNorm statistics). Set the input range with --passes '...estimate-ranges{input_range=[lo;hi]}'.")
+              "BatchNorm statistics). Set the input range with --passes '...estimate-ranges{input_range=[lo;hi]}' "
+              "(and the same on cle{statistics=moments} for dfq-pertensor's pipeline).")
 @click.option("--format", "fmt", type=click.Choice(["qdq", "qop", "int-only"]), default="qdq", show_default=True,
               help="qdq: Q/DQ around float ops; qop: QLinear* operators; int-only: integer ops with dyadic "
                    "requantization (check it with `qonnx inspect --integer-check`).")

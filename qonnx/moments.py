@@ -6,8 +6,8 @@ range, the means and variances are carried op by op:
 - Conv/Gemm without a BN: mean W.E[x] + b, variance sum W^2 Var[x] (channels and
   kernel positions taken as independent; a folded BN overrides this);
 - Relu/Clip/Min/Max: exact moments of a clipped Gaussian;
-- other elementwise activations (Sigmoid, HardSigmoid, HardSwish, Tanh, ...):
-  Gauss-Hermite quadrature of the Gaussian expectation;
+- other elementwise activations (Sigmoid, HardSigmoid, HardSwish, Tanh, LeakyRelu,
+  PRelu with a per-channel slope, ...): quadrature of the Gaussian expectation;
 - Add/Mul/Sub/Div with constants or independent operands, pooling, reshapes to [N, C].
 Tensors reached by anything else are unknown; callers keep what reads them in float.
 
@@ -194,13 +194,23 @@ class MomentPropagator:
                 if pre is not None:
                     # Relu + Min is CLE's exact rewrite of Clip(0, b): clip the Gaussian before the Relu
                     # once, as the Clip was, instead of treating the rectified tensor as a Gaussian again.
-                    mean, var = clipped_gaussian_moments(pre.mean, np.sqrt(pre.var), relu_bounds[0],
-                                                         np.minimum(upper, relu_bounds[1]))
+                    high = np.minimum(upper, min(relu_bounds[1], pre.bound[1]))
+                    low = np.minimum(max(relu_bounds[0], pre.bound[0]), high)  # Min below the clip: constant
+                    mean, var = clipped_gaussian_moments(pre.mean, np.sqrt(pre.var), low, high)
                 else:
                     mean, var = clipped_gaussian_moments(x.mean, np.sqrt(x.var), -np.inf, upper)
                 return Moments(mean, var, min(x.low, float(np.max(c))), min(x.high, float(np.max(c))),
                                (x.bound[0], min(x.bound[1], float(np.max(c)))))
             return self._clipped(x, float(np.min(c)), np.inf) if np.ptp(c) == 0 else None
+        if op == "PRelu" and len(node.inputs) == 2:
+            slope = m.constant_value(node.inputs[1])
+            per_channel = None if slope is None else _channel_constant(slope, m.rank_of(node.inputs[0]), x.mean.size)
+            if per_channel is None:
+                return None
+            k = per_channel[:, None]
+            mean, var = gaussian_expectation(lambda v: np.where(v >= 0, v, k * v), x.mean, np.sqrt(x.var))
+            ends = np.concatenate([[x.low, x.high], x.low * per_channel, x.high * per_channel])
+            return Moments(mean, var, float(np.min(ends)), float(np.max(ends)))
         if op in ELEMENTWISE:
             make, bound = ELEMENTWISE[op]
             fn = make(node)

@@ -61,6 +61,10 @@ class Pass(ABC):
     def __init__(self, options: Any = None):
         self.options = options if options is not None else self.Options()
 
+    def assumed_input_range(self) -> tuple[float, ...] | None:
+        """The range of the model's float inputs this pass assumes (data-free passes), else None."""
+        return None
+
     @abstractmethod
     def run(self, model: Model, ctx: PassContext) -> PassResult: ...
 
@@ -317,6 +321,11 @@ class Pipeline:
         """Check requirements and ordering rules before anything runs; returns (and logs) the warnings."""
         have = set(available)
         warnings = []
+        assumed = {(p.name, index + 1): tuple(r) for index, p in enumerate(self.passes)
+                   if (r := p.assumed_input_range()) is not None}
+        if len(set(assumed.values())) > 1:
+            listed = ", ".join(f"'{name}' (position {pos}) input_range={list(r)}" for (name, pos), r in assumed.items())
+            raise PreconditionError(f"passes assume different input ranges: {listed}; give them the same input_range")
         for index, p in enumerate(self.passes):
             for capability, reason in p.warned_after.items():
                 if capability in have:

@@ -6,7 +6,7 @@ import itertools
 
 import numpy as np
 import pytest
-from conftest import feed_for, import_proto, make_samples, run_ort, sqnr
+from conftest import build_model, feed_for, import_proto, make_samples, randn, rng, run_ort, sqnr
 from onnx import numpy_helper
 from test_cle import NUMERIC_CASES, conv_relu_conv, imbalanced
 
@@ -234,7 +234,8 @@ def test_moments_need_no_data_keep_the_float_model_and_settle(name):
     Pipeline.parse(MOMENTS).validate(frozenset())  # no calibration data needed
     result = qonnx.optimize(original, None, pipeline=f"canonicalize,fold-bn,{MOMENTS},{MOMENTS}")
     first, second = (r for r in result.records if r.name == "cle")
-    assert first.stats["pairs"] >= 1
+    assert first.modified is True and first.stats["pairs"] >= 1
+    assert first.stats["groups_on_ranges"] == 0  # every pair had its statistics (PRelu's too): none fell back
     # The moments follow the rescaled BatchNorm statistics and bounds, so the optimum is where the first
     # run left it.
     assert second.modified is False
@@ -249,33 +250,56 @@ def test_moments_keep_a_loud_activation_down_where_range_equalization_blows_it_u
     assert moments > ranges + 10.0, (ranges, moments)
 
 
-def test_a_pair_reading_a_tensor_with_no_estimate_gets_range_equalization():
-    from conftest import build_model, randn, rng
-
+def unknown_input_chain(depthwise: bool):
+    """Sin (no moment estimate) -> Conv -> Relu [-> depthwise Conv -> Relu] -> Conv, channel 0 imbalanced."""
     g = rng(62)
     inits = {"w1": randn(g, 8, 3, 3, 3, scale=0.5), "b1": randn(g, 8, scale=0.2),
-             "w2": randn(g, 4, 8, 3, 3, scale=0.5), "b2": randn(g, 4, scale=0.1)}
+             "w2": randn(g, 4, 8, 3, 3, scale=0.5), "b2": randn(g, 4, scale=0.1),
+             "wd": randn(g, 8, 1, 3, 3, scale=0.5), "bd": randn(g, 8, scale=0.1)}
     inits["w1"][0] *= 50.0
     inits["b1"][0] *= 50.0
     inits["w2"][:, 0] /= 50.0
-    model = build_model("""
-    agraph (float[1,3,8,8] x) => (float[1,4,8,8] y) {
+    middle = """d = Conv <kernel_shape = [3, 3], pads = [1, 1, 1, 1], group = 8> (r, wd, bd)
+        rd = Relu (d)""" if depthwise else "rd = Identity (r)"
+    if not depthwise:
+        del inits["wd"], inits["bd"]
+    return build_model(f"""
+    agraph (float[1,3,8,8] x) => (float[1,4,8,8] y) {{
         s = Sin (x)
         c1 = Conv <kernel_shape = [3, 3], pads = [1, 1, 1, 1]> (s, w1, b1)
         r = Relu (c1)
-        y = Conv <kernel_shape = [3, 3], pads = [1, 1, 1, 1]> (r, w2, b2)
-    }""", inits)
-    ranges = qonnx.optimize(model, None, pipeline="cle", verify=False).model
-    moments = qonnx.optimize(model, None, pipeline=MOMENTS, verify=False).model
-    for a, b in zip(ranges.graph.initializer, moments.graph.initializer, strict=True):
+        {middle}
+        y = Conv <kernel_shape = [3, 3], pads = [1, 1, 1, 1]> (rd, w2, b2)
+    }}""", inits)
+
+
+@pytest.mark.parametrize("depthwise", [False, True])
+def test_a_group_reading_a_tensor_with_no_estimate_gets_range_equalization(depthwise):
+    model = unknown_input_chain(depthwise)
+    ranges = qonnx.optimize(model, None, pipeline="canonicalize,cle", verify=False)
+    moments = qonnx.optimize(model, None, pipeline=f"canonicalize,{MOMENTS}", verify=False)
+    (record,) = [r for r in moments.records if r.name == "cle"]
+    # The whole group falls back, a depthwise triplet as a triplet (scaled to one common range).
+    assert record.stats["groups_on_ranges"] == 1
+    assert (record.stats["triplets"], record.stats["pairs"]) == ((1, 0) if depthwise else (0, 1))
+    for a, b in zip(ranges.model.graph.initializer, moments.model.graph.initializer, strict=True):
         np.testing.assert_array_equal(numpy_helper.to_array(a), numpy_helper.to_array(b))
-    assert any(not np.array_equal(numpy_helper.to_array(a), inits[a.name]) for a in ranges.graph.initializer)
+    assert record.modified is True
 
 
 def test_moments_option_checks():
+    # Refused when the pipeline is read, before any pass runs.
     with pytest.raises(PreconditionError, match="objective=noise"):
-        qonnx.optimize(conv_relu_conv(), None, pipeline="cle{statistics=moments}")
+        Pipeline.parse("canonicalize,cle{statistics=moments}")
     with pytest.raises(PreconditionError, match="input_range"):
-        qonnx.optimize(conv_relu_conv(), None, pipeline="cle{objective=noise,statistics=moments,input_range=[1;-1]}")
+        Pipeline.parse("cle{objective=noise,statistics=moments,input_range=[1;-1]}")
+    # CLE and estimate-ranges must assume the same input range, or the two estimates disagree.
+    with pytest.raises(PreconditionError, match="different input ranges"):
+        Pipeline.parse("cle{objective=noise,statistics=moments,input_range=[0.0;255.0]},plan,"
+                       "estimate-ranges").validate(frozenset())
+    Pipeline.parse("cle{objective=noise,statistics=moments,input_range=[0.0;255.0]},plan,"
+                   "estimate-ranges{input_range=[0.0;255.0]}").validate(frozenset())
+    Pipeline.parse("dfq-pertensor").validate(frozenset())
+    Pipeline.parse("cle{input_range=[0.0;255.0]},plan,estimate-ranges").validate(frozenset())  # ranges: no data
     pipe = Pipeline.parse("cle{objective=noise,statistics=moments,input_range=[0.0;1.0],width=6.0}")
     assert str(Pipeline.parse(str(pipe))) == str(pipe)

@@ -217,6 +217,37 @@ def test_relu_and_min_left_by_cle_have_the_moments_of_the_clip_they_replace():
     np.testing.assert_allclose(after.var * s**2, before.var, rtol=1e-5)
 
 
+def test_prelu_with_a_per_channel_slope_matches_monte_carlo():
+    g = rng(64)
+    slope = np.array([0.0, 0.25, -0.5], np.float32).reshape(3, 1, 1)
+    model = import_proto(build_model("""
+    agraph (float[1,3,4,4] x) => (float[1,3,4,4] y) {
+        c = Conv (x, w, b)
+        y = PRelu (c, slope)
+    }""", {"w": randn(g, 3, 3, 1, 1, scale=1.0), "b": np.array([0.3, -0.4, 1.0], np.float32), "slope": slope}))
+    moments = propagate_moments(model, (-1.0, 1.0))
+    pre, out = moments["c"], moments["y"]
+    z = rng(65).normal(pre.mean, np.sqrt(pre.var), size=(400_000, 3))
+    y = np.where(z >= 0, z, slope.reshape(1, 3) * z)
+    np.testing.assert_allclose(out.mean, y.mean(0), atol=3e-3)
+    np.testing.assert_allclose(out.var, y.var(0), rtol=1e-2)
+    assert out.low <= y.min() and out.high >= np.quantile(y, 0.999)
+
+
+def test_min_below_a_clips_lower_bound_gives_the_constant():
+    g = rng(66)
+    model = import_proto(build_model("""
+    agraph (float[1,2,4,4] x) => (float[1,2,4,4] y) {
+        c = Conv (x, w, b)
+        r = Clip (c, lo, hi)
+        y = Min (r, u)
+    }""", {"w": randn(g, 2, 2, 1, 1), "b": np.zeros(2, np.float32), "lo": np.array(1.0, np.float32),
+           "hi": np.array(6.0, np.float32), "u": np.array([0.5, 3.0], np.float32).reshape(1, 2, 1, 1)}))
+    y = propagate_moments(model, (-1.0, 1.0))["y"]
+    assert y.mean[0] == pytest.approx(0.5) and y.var[0] == pytest.approx(0.0, abs=1e-12)
+    assert 1.0 < y.mean[1] < 3.0 and y.var[1] > 0
+
+
 def test_per_channel_bounds_equal_one_call_per_channel():
     mean, std, high = np.array([0.5, 2.0, 5.0]), np.array([1.0, 2.0, 0.5]), np.array([1.0, 6.0, 4.0])
     together = clipped_gaussian_moments(mean, std, 0.0, high)
