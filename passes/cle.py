@@ -38,7 +38,7 @@ from qonnx.chains import Layer, activation_output, find_chains, layer_groups
 from qonnx.cle_noise import ChannelStats, collect_channel_stats, noise_scales, stats_from_moments
 from qonnx.errors import PreconditionError
 from qonnx.ir import Model
-from qonnx.moments import propagate_moments
+from qonnx.moments import checked_input_range, propagate_moments
 from qonnx.ort import stream_tensors
 from qonnx.pipeline import Pass, PassResult, option, register
 
@@ -214,10 +214,6 @@ def _noise_pair(state: _State, first: Layer, second: Layer, stats: dict[str, Cha
     return s
 
 
-def _names(group: tuple[Layer, ...]) -> tuple[str, ...]:
-    return tuple(layer.name for layer in group)
-
-
 def _has_statistics(pair: tuple[Layer, Layer], channel_stats: dict, activations: dict[str, str]) -> bool:
     """Statistics for every tensor the pair's noise model reads, one value per channel (an estimate of a
     tensor whose channel count was unknown has one value for all)."""
@@ -244,9 +240,10 @@ def equalize(model: Model, iterations: int = 20, tolerance: float = 1e-4, clips:
     clip_nodes: dict[str, list] | None = {} if clips == "exact" else None
     chains = find_chains(model, clip_nodes)
     range_groups = [g for chain in chains for g in layer_groups(chain)]
-    noisy: set[tuple[str, ...]] = set()  # layer names of the pairs whose scales come from the noise objective
+    # (group, scaled by the noise objective?): a depthwise triplet's two pairs each with its own activation,
+    # and range equalization for a group with no estimate for a tensor it reads (moments)
     if statistics is None:
-        groups = range_groups
+        groups = [(g, False) for g in range_groups]
     else:
         previous = {b.name: a for chain in chains for a, b in zip(chain, chain[1:])}
         channel_stats = statistics(statistics_needed(model, chains)) if range_groups else {}
@@ -256,23 +253,22 @@ def equalize(model: Model, iterations: int = 20, tolerance: float = 1e-4, clips:
         for group in range_groups:
             pairs = list(zip(group, group[1:]))
             if all(_has_statistics(pair, channel_stats, activations) for pair in pairs):
-                groups += pairs  # a depthwise triplet's two pairs, each with its own activation
-                noisy.update(_names(pair) for pair in pairs)
-            else:  # no estimate for a tensor it reads (moments): the group keeps range equalization
-                groups.append(group)
-    stats = {"chains": len(chains), "pairs": sum(len(g) == 2 for g in groups),
-             "triplets": sum(len(g) == 3 for g in groups), "sweeps": 0, "max_log_scale": 0.0,
+                groups += [(pair, True) for pair in pairs]
+            else:
+                groups.append((group, False))
+    stats = {"chains": len(chains), "pairs": sum(len(g) == 2 for g, _ in groups),
+             "triplets": sum(len(g) == 3 for g, _ in groups), "sweeps": 0, "max_log_scale": 0.0,
              "first_max_log_scale": 0.0, "converged": True, "changed": False, "clips_rescaled": 0}
     if statistics is not None:
-        stats["groups_on_ranges"] = sum(_names(g) not in noisy for g in groups)
+        stats["groups_on_ranges"] = sum(not noisy for _, noisy in groups)
     if not groups:
         return stats
     state = _State(model, chains)
     worst = 0.0
     for sweep in range(max(1, iterations)):
         worst = 0.0
-        for group in groups:
-            if _names(group) in noisy:
+        for group, noisy in groups:
+            if noisy:
                 scales = (_noise_pair(state, *group, channel_stats, previous.get(group[0].name),
                                       bounds.get(group[0].name), activations[group[0].name]),)
             else:
@@ -324,14 +320,13 @@ class CrossLayerEqualization(Pass):
         opts = self.options
         if opts.statistics == "moments" and opts.objective != "noise":
             raise PreconditionError("cle: statistics=moments only applies to objective=noise")
-        if len(opts.input_range) != 2 or not opts.input_range[0] < opts.input_range[1]:
-            raise PreconditionError(f"cle: input_range must be 'low;high' with low < high, got {opts.input_range}")
+        checked_input_range(self.name, opts.input_range)
         if opts.objective == "noise" and opts.statistics == "data":
             self.requires = frozenset({"calibration-data"})
 
-    def assumed_input_range(self) -> tuple[float, ...] | None:
+    def assumed_input_range(self) -> tuple[float, float] | None:
         if self.options.objective == "noise" and self.options.statistics == "moments":
-            return tuple(float(v) for v in self.options.input_range)
+            return checked_input_range(self.name, self.options.input_range)
         return None
 
     def run(self, model: Model, ctx) -> PassResult:
@@ -343,7 +338,7 @@ class CrossLayerEqualization(Pass):
         opts = self.options
         statistics = None
         if opts.objective == "noise" and opts.statistics == "moments":
-            input_range = (float(opts.input_range[0]), float(opts.input_range[1]))
+            input_range = checked_input_range(self.name, opts.input_range)
 
             def statistics(names: list[str]) -> dict[str, ChannelStats]:
                 moments = propagate_moments(model, input_range, opts.width)

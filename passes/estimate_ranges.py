@@ -23,7 +23,7 @@ from qonnx.calibration import open_calibration
 from qonnx.errors import PreconditionError
 from qonnx.ir import Model
 from qonnx.manager import PassContext
-from qonnx.moments import Moments, propagate_moments
+from qonnx.moments import Moments, checked_input_range, propagate_moments
 from qonnx.pipeline import Pass, PassResult, option, register
 from qonnx.qtable import QuantState, Role
 from qonnx.quant import scale_zero_point
@@ -110,15 +110,12 @@ class EstimateRanges(Pass):
     exact = True
     edits_graph = False
 
-    def assumed_input_range(self) -> tuple[float, ...]:
-        return tuple(float(v) for v in self.options.input_range)
+    def assumed_input_range(self) -> tuple[float, float]:
+        return checked_input_range(self.name, self.options.input_range)
 
     def run(self, model: Model, ctx) -> PassResult:
         opts = self.options
-        if len(opts.input_range) != 2 or not opts.input_range[0] < opts.input_range[1]:
-            raise PreconditionError(f"estimate-ranges: input_range must be 'low;high' with low < high, "
-                                    f"got {opts.input_range}")
-        input_range = (float(opts.input_range[0]), float(opts.input_range[1]))
+        input_range = checked_input_range(self.name, opts.input_range)
         if opts.samples < 1:
             raise PreconditionError(f"estimate-ranges: samples must be at least 1, got {opts.samples}")
         source = resolve_source(model, opts.source)

@@ -23,6 +23,7 @@ from dataclasses import dataclass
 import numpy as np
 from scipy.special import ndtr
 
+from qonnx.errors import PreconditionError
 from qonnx.ir import Model
 from qonnx.layers import channel_response
 
@@ -272,6 +273,13 @@ class MomentPropagator:
         out = self._gauss(mean, np.maximum(second - mean ** 2, 0.0))
         out.low, out.high = max(out.low, float(np.min(corners))), min(out.high, float(np.max(corners)))
         return out
+
+
+def checked_input_range(owner: str, raw: tuple[float, ...]) -> tuple[float, float]:
+    """A pass's `input_range` option as (low, high), or a clear error naming the pass."""
+    if len(raw) != 2 or not raw[0] < raw[1]:
+        raise PreconditionError(f"{owner}: input_range must be 'low;high' with low < high, got {raw}")
+    return float(raw[0]), float(raw[1])
 
 
 def propagate_moments(model: Model, input_range: tuple[float, float], width: float = 4.0) -> dict[str, Moments]:
