@@ -337,8 +337,8 @@ class CrossLayerEqualization(Pass):
                 f"e.g. '{calibrated[0]}'): run cle before calibrate")
         opts = self.options
         statistics = None
-        if opts.objective == "noise" and opts.statistics == "moments":
-            input_range = checked_input_range(self.name, opts.input_range)
+        input_range = self.assumed_input_range()  # set exactly when the statistics come from BN moments
+        if input_range is not None:
 
             def statistics(names: list[str]) -> dict[str, ChannelStats]:
                 moments = propagate_moments(model, input_range, opts.width)
