@@ -26,6 +26,7 @@ from qonnx.adaround import (
     blocks_to_matmul_weight,
     conv_weight_blocks,
     matmul_weight_blocks,
+    step_seconds,
 )
 from qonnx.export import export_qdq
 from qonnx.ir import Model
@@ -62,7 +63,7 @@ class _Layer:
     weight: np.ndarray  # the float weight, graph layout
     blocks: np.ndarray  # [g, O_g, I_g]
     scale: np.ndarray  # broadcastable to the blocks
-    step_cost: int  # multiply-adds of one optimizer step
+    step_seconds: float = 0.0  # one optimizer step, timed on a synthetic problem of the blocks' shape
 
 
 def _weight_is_kn(node) -> bool:
@@ -93,8 +94,7 @@ def _prepare(model: Model, quant: LayerQuant, node) -> _Layer | None:
             scale = matmul_weight_blocks(scale) if kn else scale[None]
     else:
         return None
-    g, o, i = blocks.shape
-    return _Layer(quant, node, w, blocks, scale, g * o * i * i)
+    return _Layer(quant, node, w, blocks, scale)
 
 
 def _moments(layer: _Layer) -> LayerMoments:
@@ -150,7 +150,16 @@ class AdaRound(Pass):
         data = ctx.calibration.head(opts.samples) if opts.samples else ctx.calibration
         float_proto = model.to_onnx()
         waves = _waves(model, layers)
-        cost_left = sum(layer.step_cost for layer in layers)
+        if opts.time_budget:
+            # The budget buys every layer the same number of steps: shared by multiply-adds it starved the small
+            # layers, whose steps are mostly fixed overhead (1 000 steps each, hardened up to half undecided).
+            timed: dict[tuple[int, ...], float] = {}
+            for layer in layers:
+                shape = layer.blocks.shape
+                if shape not in timed:
+                    timed[shape] = step_seconds(shape)
+                layer.step_seconds = timed[shape]
+        step_seconds_left = sum(layer.step_seconds for layer in layers)
         collect_seconds, gains, stopped = 0.0, [], 0
         for index, wave in enumerate(waves):
             t0 = time.perf_counter()
@@ -178,11 +187,11 @@ class AdaRound(Pass):
                 budget = None
                 if opts.time_budget:
                     # What is left, less the data passes still to come (at the mean cost so far), shared by the
-                    # remaining layers in proportion to the cost of their optimizer steps.
+                    # remaining layers in proportion to the time of their optimizer steps.
                     waves_left = len(waves) - index - 1
                     left = opts.time_budget - (time.perf_counter() - start) - collect_seconds / (index + 1) * waves_left
-                    budget = max(0.05, left * layer.step_cost / cost_left)
-                cost_left -= layer.step_cost
+                    budget = max(0.05, left * layer.step_seconds / step_seconds_left)
+                step_seconds_left -= layer.step_seconds
                 entry = model.quant.get(layer.quant.weight)
                 with tqdm(total=opts.iterations, desc=f"adaround {layer.quant.node}", unit="step", leave=False,
                           disable=not ctx.progress, mininterval=0.5) as bar:

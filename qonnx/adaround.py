@@ -46,9 +46,12 @@ log = logging.getLogger(__name__)
 ZETA = 1.1
 GAMMA = -0.1
 DEFAULT_ITERATIONS = 10_000
-# With a time budget: steps timed before the schedule is fitted to it, and steps' worth of time kept for the
-# final hardening and loss evaluation.
+# With a time budget: steps timed before the schedule is first fitted to it, the fraction of the budget after
+# which it is fitted again (from the steps since the last fit: once the regularizer is on, a step costs
+# 1.2-1.4x a warm-start step, so a schedule fitted to the first steps alone is cut before beta reaches its
+# end), and steps' worth of time kept for the final hardening and loss evaluation.
 _PROBE_STEPS = 20
+_REFIT_EVERY = 0.1
 _FINISH_STEPS = 5
 
 __all__ = [
@@ -66,6 +69,7 @@ __all__ = [
     "nearest_codes",
     "reconstruction_grad",
     "reconstruction_loss",
+    "step_seconds",
 ]
 
 
@@ -215,6 +219,50 @@ def _sigmoid(v: np.ndarray) -> np.ndarray:
     return 0.5 + 0.5 * np.tanh(0.5 * v)
 
 
+class _Adam:
+    """torch.optim.Adam (no weight decay) updating V in place."""
+
+    def __init__(self, v: np.ndarray, betas: tuple[float, float], eps: float):
+        self.m1 = np.zeros_like(v)
+        self.m2 = np.zeros_like(v)
+        self.b1, self.b2 = betas
+        self.eps = eps
+        self.t = 0
+
+    def step(self, v: np.ndarray, grad: np.ndarray, lr: float) -> None:
+        self.t += 1
+        b1, b2, t = self.b1, self.b2, self.t
+        self.m1 *= b1
+        self.m1 += (1.0 - b1) * grad
+        self.m2 *= b2
+        self.m2 += (1.0 - b2) * np.square(grad)
+        denom = np.sqrt(self.m2)
+        denom /= math.sqrt(1.0 - b2**t)
+        denom += self.eps
+        v -= (lr / (1.0 - b1**t)) * self.m1 / denom
+
+
+def step_seconds(blocks_shape: tuple[int, int, int], dtype: type | np.dtype = np.float32, repeats: int = 5) -> float:
+    """Median seconds of one optimizer step (regularizer on) for weight blocks of this shape, on a synthetic
+    problem: what a time budget buys a layer, measured rather than guessed from its multiply-adds (a small
+    layer's step is mostly fixed overhead)."""
+    g, o, i = blocks_shape
+    gen = np.random.default_rng(0)
+    weight = gen.standard_normal((g, o, i)) * 0.1
+    x = gen.standard_normal((g, 2 * i, i))
+    moments = LayerMoments.from_arrays(np.matmul(x.transpose(0, 2, 1), x) / (2 * i))
+    prob = RoundingProblem.build(weight, np.full((g, o, 1), 0.02), moments, -8, 7, dtype=dtype)
+    v = prob.init_v()
+    adam = _Adam(v, (0.9, 0.999), 1e-8)
+    times = []
+    for _ in range(2 + repeats):  # two warm-up steps
+        t0 = time.perf_counter()
+        _, grad = prob.loss_grad(v, 10.0, 0.01, want_loss=False)
+        adam.step(v, grad, 1e-3)
+        times.append(time.perf_counter() - t0)
+    return float(np.median(times[2:]))
+
+
 @dataclass(frozen=True)
 class AdaRoundStats:
     """Outcome of one adaround_weights call (losses are L_rec in float64, i.e. mean ||dy_row||^2)."""
@@ -254,8 +302,9 @@ def adaround_weights(
 
     `scale` / `zero_point`: scalar (per tensor), length O (per output channel) or broadcastable to the blocks;
     the dequantized weight is scale * (codes - zero_point). Deterministic: full-batch moments, no sampling.
-    `time_budget_s`: after a few steps the per-step time is measured and, if `iterations` would not fit, the
-    schedule (warm start and beta decay) is compressed to fit; the run still stops at the budget, then hardens.
+    `time_budget_s`: after a few steps, and again every tenth of the budget, the schedule (warm start and beta
+    decay) is fitted to what is left of the budget at the pace of the latest steps (never beyond
+    `iterations`); the run still stops at the budget, then hardens.
     `progress(step)` is called with the number of completed steps after each step.
     `lr_reference_steps`: `lr` is meant for a schedule of that many steps; a shorter one (asked for, or fitted
     to the budget) keeps lr x steps constant (at most MAX_LR_SCALE x lr). Measured on an EfficientNet-Lite0
@@ -268,30 +317,20 @@ def adaround_weights(
     _, flat = _as_blocks(weight, "weight")
     prob = RoundingProblem.build(weight, scale, moments, qmin, qmax, zero_point=zero_point, dtype=dtype)
     v = prob.init_v()
-    m1 = np.zeros_like(v)
-    m2 = np.zeros_like(v)
-    b1, b2 = betas
+    adam = _Adam(v, betas, eps)
     total = int(iterations)
     done = 0
     stopped = False
-    probed = time_budget_s is None
     step_lr = _scaled_lr(lr, total, lr_reference_steps)
-    loop_start = time.perf_counter()
+    fit_at, fit_done = time.perf_counter(), 0  # when and after how many steps the schedule was last fitted
+    fitted = False
+    next_fit = 0.0 if time_budget_s is None else _REFIT_EVERY * time_budget_s  # seconds into the run
     log.debug("adaround: blocks %s, %d iterations, %d frozen", prob.weight.shape, total, int((~prob.free).sum()))
     while done < total:
         step_beta = beta_schedule(done, total, beta, warm_start)
         _, g = prob.loss_grad(v, step_beta, reg_weight, want_loss=False)
-        # Adam exactly as torch.optim.Adam (defaults, no weight decay).
-        t = done + 1
-        m1 *= b1
-        m1 += (1.0 - b1) * g
-        m2 *= b2
-        m2 += (1.0 - b2) * np.square(g)
-        denom = np.sqrt(m2)
-        denom /= math.sqrt(1.0 - b2**t)
-        denom += eps
-        v -= (step_lr / (1.0 - b1**t)) * m1 / denom
-        done = t
+        adam.step(v, g, step_lr)
+        done = adam.t
         if progress is not None:
             progress(done)
         if time_budget_s is not None:
@@ -299,18 +338,21 @@ def adaround_weights(
             if now - start >= time_budget_s:
                 stopped = done < total
                 break
-            if not probed and (done >= _PROBE_STEPS or now - start >= 0.1 * time_budget_s):
-                # Fit the whole schedule (warm start and beta decay) into the budget rather than cutting it:
-                # a cut run would harden h before the regularizer has pushed it to 0/1.
-                probed = True
-                per_step = (now - loop_start) / done
+            if (not fitted and done >= _PROBE_STEPS) or now - start >= next_fit:
+                # Fit the rest of the schedule (warm start and beta decay) into what is left of the budget, at
+                # the pace of the steps since the last fit, rather than cutting it: a cut run would harden h
+                # before the regularizer has pushed it to 0/1. Refitted every tenth of the budget, as steps
+                # get dearer once the regularizer is on.
+                per_step = (now - fit_at) / (done - fit_done)
                 left = time_budget_s - (now - start) - _FINISH_STEPS * per_step
-                fit = done + max(1, int(left / per_step))
-                if fit < total:
-                    log.info("adaround: %d iterations do not fit %.1f s (%.3g s/step); schedule shortened to %d",
-                             total, time_budget_s, per_step, fit)
+                fit = min(int(iterations), done + max(1, int(left / per_step)))
+                if fit != total:
+                    log.debug("adaround: schedule fitted to %.1f s at %.3g s/step: %d -> %d steps",
+                              time_budget_s, per_step, total, fit)
                     total = fit
                     step_lr = _scaled_lr(lr, total, lr_reference_steps)
+                fit_at, fit_done, fitted = now, done, True
+                next_fit = (now - start) + _REFIT_EVERY * time_budget_s
         if log.isEnabledFor(logging.DEBUG) and done % 1000 == 0:
             loss, _ = prob.loss_grad(v, step_beta, reg_weight, want_loss=True)
             log.debug("adaround step %d/%d: loss %.6g, beta %s", done, total, loss, step_beta)

@@ -410,6 +410,50 @@ def test_time_budget_shortens_the_schedule_and_progress_counts():
     assert stats.seconds < 10.0
 
 
+class FakeClock:
+    """perf_counter that advances only when an optimizer step runs: `cost(beta)` seconds per step."""
+
+    def __init__(self, cost):
+        self.now, self.cost = 0.0, cost
+
+    def perf_counter(self) -> float:
+        return self.now
+
+
+def test_time_budget_schedule_is_refitted_when_steps_get_dearer(monkeypatch):
+    """Steps cost 1 ms in the warm start and 3 ms once the regularizer is on: a schedule fitted once to the
+    first steps plans ~3 000 steps, is cut at the budget after ~1 400 and hardens half-decided weights."""
+    import qonnx.adaround as core
+
+    clock = FakeClock(lambda beta: 1e-3 if beta is None else 3e-3)
+    real = core.RoundingProblem.loss_grad
+
+    def timed_loss_grad(self, v, beta, reg_weight, want_loss=True):
+        clock.now += clock.cost(beta)
+        return real(self, v, beta, reg_weight, want_loss)
+
+    monkeypatch.setattr(core, "time", clock)
+    monkeypatch.setattr(core.RoundingProblem, "loss_grad", timed_loss_grad)
+    gen = np.random.default_rng(14)
+    w = gen.standard_normal((16, 32)) * 0.05
+    moments = LayerMoments.for_linear(w)
+    moments.add(gen.standard_normal((1000, 32)))
+    _, stats = adaround_weights(w, np.abs(w).max(1) / 7, moments, -7, 7, iterations=1_000_000,
+                                time_budget_s=3.0, lr_reference_steps=10_000)
+    assert not stats.stopped_early and stats.iterations == stats.planned_iterations
+    # The whole schedule fits the budget: 0.2 N x 1 ms + 0.8 N x 3 ms = 3 s gives N ~ 1 150.
+    assert 1000 <= stats.iterations <= 1500, stats.iterations
+    assert stats.soft_fraction == 0.0
+    assert stats.loss_adaround < stats.loss_nearest
+
+
+def test_step_seconds_is_positive_and_grows_with_the_layer():
+    from qonnx.adaround import step_seconds
+
+    small, large = step_seconds((1, 8, 8)), step_seconds((1, 512, 512))
+    assert 0.0 < small < large
+
+
 def test_short_schedules_keep_lr_times_steps_and_still_harden():
     gen = np.random.default_rng(13)
     w = gen.standard_normal((32, 48)) * 0.05

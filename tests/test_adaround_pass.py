@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from types import SimpleNamespace
 
 import numpy as np
 import onnx
@@ -106,6 +107,41 @@ def test_time_budget_shortens_the_schedule():
     _, records = run(conv_pool_gemm(), W4_RTN + ",adaround{iterations=10000000,time_budget=1.0}")
     assert time.perf_counter() - start < 30.0  # generous: the budget is 1 s, the machine is shared
     assert records[-1].stats["shortened_schedules"] == 2
+
+
+def test_time_budget_buys_every_layer_the_same_number_of_steps(monkeypatch):
+    """Steps timed (here: a fake clock) at a fixed overhead plus a per-multiply-add cost: the conv's step is
+    nearly as dear as the Gemm's 14x larger one, so sharing the budget by multiply-adds would starve it."""
+    import passes.adaround as pass_module
+    import qonnx.adaround as core
+
+    def cost(shape):
+        g, o, i = shape
+        return 2e-3 + 1e-8 * g * o * i * i
+
+    clock = SimpleNamespace(now=0.0)
+    clock.perf_counter = lambda: clock.now
+    real_loss_grad, real_adaround = core.RoundingProblem.loss_grad, pass_module.adaround_weights
+    steps = {}
+
+    def timed_loss_grad(self, v, beta, reg_weight, want_loss=True):
+        clock.now += cost(self.weight.shape)
+        return real_loss_grad(self, v, beta, reg_weight, want_loss)
+
+    def recorded(blocks, *args, **kwargs):
+        codes, stats = real_adaround(blocks, *args, **kwargs)
+        steps[blocks.shape] = stats.iterations
+        return codes, stats
+
+    monkeypatch.setattr(core, "time", clock)
+    monkeypatch.setattr(pass_module, "time", clock)
+    monkeypatch.setattr(core.RoundingProblem, "loss_grad", timed_loss_grad)
+    monkeypatch.setattr(pass_module, "step_seconds", cost)
+    monkeypatch.setattr(pass_module, "adaround_weights", recorded)
+    run(conv_pool_gemm(), W4_RTN + ",adaround{iterations=1000000,time_budget=2.0}")
+    assert sorted(steps) == [(1, 4, 27), (1, 10, 64)]
+    counts = list(steps.values())
+    assert 300 < min(counts) and max(counts) < 1.05 * min(counts), steps
 
 
 def test_ordering_rules_around_rounding():
