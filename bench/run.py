@@ -1,6 +1,6 @@
 """Benchmark qonnx against ONNX Runtime's quantizer on the real-model tasks; writes BENCHMARKS.md.
 
-    python bench/run.py [--tasks a,b] [--quick] [--out BENCHMARKS.md] [--json bench/out/results.json]
+    python bench/run.py [--tasks a,b] [--quick] [--out BENCHMARKS.md] [--json bench/results.json]
 
 For each task, in one run: FP32, ORT default static quantization, the best of three ORT
 per-channel QDQ configurations, (MiniLM) ORT dynamic quantization, and qonnx `w8a8`. Each
@@ -456,7 +456,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--runs", type=int, help="latency runs per model and thread count (default 100; quick 10)")
     ap.add_argument("--no-scaling", action="store_true", help="skip the memory-scaling check")
     ap.add_argument("--out", type=Path, default=REPO / "BENCHMARKS.md")
-    ap.add_argument("--json", type=Path, default=BENCH / "out" / "results.json")
+    ap.add_argument("--json", type=Path, default=BENCH / "results.json")
     ap.add_argument("--render", type=Path, metavar="JSON",
                     help="only rewrite --out from an earlier run's JSON (no benchmarking)")
     args = ap.parse_args(argv)
