@@ -322,8 +322,7 @@ def adaround_weights(
     done = 0
     stopped = False
     step_lr = _scaled_lr(lr, total, lr_reference_steps)
-    fit_at, fit_done = time.perf_counter(), 0  # when and after how many steps the schedule was last fitted
-    fitted = False
+    fit_at, fit_done = time.perf_counter(), 0  # when and after how many steps the schedule was last fitted (0: never)
     next_fit = 0.0 if time_budget_s is None else _REFIT_EVERY * time_budget_s  # seconds into the run
     log.debug("adaround: blocks %s, %d iterations, %d frozen", prob.weight.shape, total, int((~prob.free).sum()))
     while done < total:
@@ -338,7 +337,7 @@ def adaround_weights(
             if now - start >= time_budget_s:
                 stopped = done < total
                 break
-            if (not fitted and done >= _PROBE_STEPS) or now - start >= next_fit:
+            if (not fit_done and done >= _PROBE_STEPS) or now - start >= next_fit:
                 # Fit the rest of the schedule (warm start and beta decay) into what is left of the budget, at
                 # the pace of the steps since the last fit, rather than cutting it: a cut run would harden h
                 # before the regularizer has pushed it to 0/1. Refitted every tenth of the budget, as steps
@@ -351,7 +350,7 @@ def adaround_weights(
                               time_budget_s, per_step, total, fit)
                     total = fit
                     step_lr = _scaled_lr(lr, total, lr_reference_steps)
-                fit_at, fit_done, fitted = now, done, True
+                fit_at, fit_done = now, done
                 next_fit = (now - start) + _REFIT_EVERY * time_budget_s
         if log.isEnabledFor(logging.DEBUG) and done % 1000 == 0:
             loss, _ = prob.loss_grad(v, step_beta, reg_weight, want_loss=True)

@@ -412,3 +412,32 @@ def timing_independent_default(monkeypatch, request):
     from qonnx.pipeline import PRESETS
 
     monkeypatch.setitem(PRESETS, "w8a8", PRESETS["w8a8-static"])
+
+
+# --------------------------------------------------------------------------- AdaRound clock
+class StepClock:
+    """perf_counter for qonnx.adaround (and the modules given to `install_step_clock`) that advances only
+    when an AdaRound optimizer step runs, by `cost(problem, beta)` seconds: time budgets tested without
+    timing anything."""
+
+    def __init__(self, cost: Callable[..., float]):
+        self.now, self.cost = 0.0, cost
+
+    def perf_counter(self) -> float:
+        return self.now
+
+
+def install_step_clock(monkeypatch, cost: Callable[..., float], *modules) -> StepClock:
+    import qonnx.adaround as core
+
+    clock = StepClock(cost)
+    real_loss_grad = core.RoundingProblem.loss_grad
+
+    def timed_loss_grad(problem, v, beta, reg_weight, want_loss=True):
+        clock.now += cost(problem, beta)
+        return real_loss_grad(problem, v, beta, reg_weight, want_loss)
+
+    monkeypatch.setattr(core.RoundingProblem, "loss_grad", timed_loss_grad)
+    for module in (core, *modules):
+        monkeypatch.setattr(module, "time", clock)
+    return clock

@@ -19,6 +19,7 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 import pytest
+from conftest import install_step_clock
 from onnx import TensorProto, helper
 
 from qonnx.adaround import (
@@ -410,30 +411,10 @@ def test_time_budget_shortens_the_schedule_and_progress_counts():
     assert stats.seconds < 10.0
 
 
-class FakeClock:
-    """perf_counter that advances only when an optimizer step runs: `cost(beta)` seconds per step."""
-
-    def __init__(self, cost):
-        self.now, self.cost = 0.0, cost
-
-    def perf_counter(self) -> float:
-        return self.now
-
-
 def test_time_budget_schedule_is_refitted_when_steps_get_dearer(monkeypatch):
     """Steps cost 1 ms in the warm start and 3 ms once the regularizer is on: a schedule fitted once to the
     first steps plans ~3 000 steps, is cut at the budget after ~1 400 and hardens half-decided weights."""
-    import qonnx.adaround as core
-
-    clock = FakeClock(lambda beta: 1e-3 if beta is None else 3e-3)
-    real = core.RoundingProblem.loss_grad
-
-    def timed_loss_grad(self, v, beta, reg_weight, want_loss=True):
-        clock.now += clock.cost(beta)
-        return real(self, v, beta, reg_weight, want_loss)
-
-    monkeypatch.setattr(core, "time", clock)
-    monkeypatch.setattr(core.RoundingProblem, "loss_grad", timed_loss_grad)
+    install_step_clock(monkeypatch, lambda problem, beta: 1e-3 if beta is None else 3e-3)
     gen = np.random.default_rng(14)
     w = gen.standard_normal((16, 32)) * 0.05
     moments = LayerMoments.for_linear(w)

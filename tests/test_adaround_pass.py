@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import time
-from types import SimpleNamespace
 
 import numpy as np
 import onnx
@@ -15,6 +14,7 @@ from conftest import (
     depthwise_block,
     feed_for,
     import_proto,
+    install_step_clock,
     make_samples,
     matmul_mlp,
     residual_block,
@@ -113,29 +113,20 @@ def test_time_budget_buys_every_layer_the_same_number_of_steps(monkeypatch):
     """Steps timed (here: a fake clock) at a fixed overhead plus a per-multiply-add cost: the conv's step is
     nearly as dear as the Gemm's 14x larger one, so sharing the budget by multiply-adds would starve it."""
     import passes.adaround as pass_module
-    import qonnx.adaround as core
 
     def cost(shape):
         g, o, i = shape
         return 2e-3 + 1e-8 * g * o * i * i
 
-    clock = SimpleNamespace(now=0.0)
-    clock.perf_counter = lambda: clock.now
-    real_loss_grad, real_adaround = core.RoundingProblem.loss_grad, pass_module.adaround_weights
+    real_adaround = pass_module.adaround_weights
     steps = {}
-
-    def timed_loss_grad(self, v, beta, reg_weight, want_loss=True):
-        clock.now += cost(self.weight.shape)
-        return real_loss_grad(self, v, beta, reg_weight, want_loss)
 
     def recorded(blocks, *args, **kwargs):
         codes, stats = real_adaround(blocks, *args, **kwargs)
         steps[blocks.shape] = stats.iterations
         return codes, stats
 
-    monkeypatch.setattr(core, "time", clock)
-    monkeypatch.setattr(pass_module, "time", clock)
-    monkeypatch.setattr(core.RoundingProblem, "loss_grad", timed_loss_grad)
+    install_step_clock(monkeypatch, lambda problem, beta: cost(problem.weight.shape), pass_module)
     monkeypatch.setattr(pass_module, "step_seconds", cost)
     monkeypatch.setattr(pass_module, "adaround_weights", recorded)
     run(conv_pool_gemm(), W4_RTN + ",adaround{iterations=1000000,time_budget=2.0}")
