@@ -19,6 +19,7 @@ import numpy as np
 
 from qonnx.adaround import (
     DEFAULT_ITERATIONS,
+    SEARCH_MODES,
     ConvSpec,
     LayerMoments,
     adaround_weights,
@@ -54,6 +55,9 @@ class AdaRoundOptions:
     reg_weight: float = option(0.01, "lambda: weight of the rounding regularizer")
     lr: float = option(1e-3, "Adam learning rate for 10 000 steps; shorter schedules keep lr x steps")
     warm_start: float = option(0.2, "fraction of the steps without the regularizer")
+    search: str = option("updown", "after hardening, a local search on the layer loss from the AdaRound and the "
+                                   "nearest codes, keeping the better per row: updown (each weight stays "
+                                   "rounded up or down), grid (any code), off", choices=SEARCH_MODES)
 
 
 @dataclass
@@ -160,7 +164,7 @@ class AdaRound(Pass):
                     timed[shape] = step_seconds(shape)
                 layer.step_seconds = timed[shape]
         step_seconds_left = sum(layer.step_seconds for layer in layers)
-        collect_seconds, gains, stopped = 0.0, [], 0
+        collect_seconds, gains, search_gains, stopped = 0.0, [], [], 0
         for index, wave in enumerate(waves):
             t0 = time.perf_counter()
             quant_proto = export_qdq(model, pack_int4=False)
@@ -199,6 +203,7 @@ class AdaRound(Pass):
                         layer.blocks, layer.scale, moments[layer.quant.node], entry.scheme.qmin, entry.scheme.qmax,
                         iterations=opts.iterations, reg_weight=opts.reg_weight, lr=opts.lr,
                         warm_start=opts.warm_start, time_budget_s=budget, lr_reference_steps=DEFAULT_ITERATIONS,
+                        search=opts.search,
                         progress=lambda step, bar=bar: bar.update(step - bar.n))
                 entry.codes = _to_graph_layout(codes, layer)
                 entry.method = (entry.method + "+adaround") if entry.method else "adaround"
@@ -206,10 +211,13 @@ class AdaRound(Pass):
                 stopped += int(stats.planned_iterations < opts.iterations)
                 if stats.loss_nearest > 0:
                     gains.append(stats.loss_adaround / stats.loss_nearest)
+                if stats.loss_hardened > 0:
+                    search_gains.append(stats.loss_adaround / stats.loss_hardened)
         return PassResult(model, True, {
             "layers": len(layers),
             "waves": len(waves),
             "median_loss_vs_nearest": round(float(np.median(gains)), 4) if gains else None,
+            "median_loss_vs_hardened": round(float(np.median(search_gains)), 4) if search_gains else None,
             "shortened_schedules": stopped,
             "data_seconds": round(collect_seconds, 1),
             "seconds": round(time.perf_counter() - start, 1),

@@ -528,12 +528,14 @@ def test_bruteforce_is_a_lower_bound(toy_results):
 
 
 def test_adaround_near_optimal_on_well_conditioned_toys(toy_results):
-    """AR(0.5)-correlated inputs (cond(G) ~ 8), 48 toys: never worse than nearest, 1% of optimal on average."""
+    """AR(0.5)-correlated inputs (cond(G) ~ 8), 48 toys: never worse than nearest, 1% of optimal on average
+    and on nearly every toy (measured: 47 of 48, mean +0.1%)."""
     res = toy_results["ar"]
     ratio = res["ada"] / res["opt"]
     assert np.all(res["ada"] <= res["near"] * (1 + 1e-12))
     assert np.mean(res["ada"] < res["near"] * (1 - 1e-9)) > 0.4  # strictly better wherever nearest is not optimal
     assert np.mean(ratio) < 1.01
+    assert np.mean(ratio <= 1.01) >= 0.95
 
 
 def test_adaround_beats_nearest_on_ill_conditioned_toys(toy_results):
@@ -543,17 +545,19 @@ def test_adaround_beats_nearest_on_ill_conditioned_toys(toy_results):
     excess_near = res["near"] / res["opt"] - 1
     assert np.mean(excess_near) > 0.5
     assert np.mean(excess_ada) < 0.25 * np.mean(excess_near)
+    # The local search after hardening starts from nearest too: no toy ends worse than nearest (2 of 48 did
+    # with annealing alone).
+    assert np.all(res["ada"] <= res["near"] * (1 + 1e-12))
 
 
 @pytest.mark.xfail(strict=True, reason=(
-    "AdaRound is a continuous relaxation annealed into a rounding decision, not an exact solver of the "
-    "(closest-vector-like) rounding problem. Measured here: AR(0.5) toys 43/48 within 1% of the brute-force "
-    "optimum (worst +16%); random-mixing toys 22/48 (worst +79%, 2 worse than nearest). Failing toys checked "
-    "with 3x lr, 3x iterations, lambda x10 and /10 stay > 1% off"))
+    "AdaRound, even finished by a local search over single and paired flips, is not an exact solver of the "
+    "(closest-vector-like) rounding problem. Measured here: AR(0.5) toys 47/48 within 1% of the brute-force "
+    "optimum (worst +5%); random-mixing toys 32/48 (worst +49%), none worse than nearest. Without the search: "
+    "43/48 and 22/48, 2 worse than nearest"))
 def test_adaround_within_one_percent_of_optimal_on_every_toy(toy_results):
     for res in toy_results.values():
         assert np.all(res["ada"] <= 1.01 * res["opt"])
-        assert np.all(res["ada"] < res["near"])
 
 
 # --------------------------------------------------------------------------- helpers and errors

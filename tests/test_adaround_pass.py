@@ -59,6 +59,17 @@ def test_adaround_beats_round_to_nearest_at_4_bits(builder):
     assert stats["median_loss_vs_nearest"] < 1.0
 
 
+def test_local_search_after_hardening_lowers_the_layer_loss():
+    """search=updown (the default) against search=off: the same annealing, then a lower loss per layer."""
+    _, searched = output_sqnr(conv_bn_relu_conv(), W4_RTN + ",adaround{iterations=300}")
+    _, plain = output_sqnr(conv_bn_relu_conv(), W4_RTN + ",adaround{iterations=300,search=off}")
+    assert plain.records[-1].stats["median_loss_vs_hardened"] == 1.0
+    assert searched.records[-1].stats["median_loss_vs_hardened"] < 1.0
+    assert searched.records[-1].stats["median_loss_vs_nearest"] < plain.records[-1].stats["median_loss_vs_nearest"]
+    with pytest.raises(Exception, match="search"):
+        Pipeline.parse("adaround{search=exhaustive}")
+
+
 def test_rounded_weights_keep_their_scale_and_export_their_codes_verbatim():
     before, _ = run(conv_pool_gemm(), W4_RTN)
     ir, _ = run(conv_pool_gemm(), W4_ADAROUND)
