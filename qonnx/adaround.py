@@ -392,7 +392,6 @@ def adaround_weights(
     return (codes[0] if flat else codes), stats
 
 
-
 def _local_search(prob: RoundingProblem, hardened: np.ndarray, near: np.ndarray, search: str) -> tuple[np.ndarray, int]:
     """(codes, moves): the better per row of the hardened and the nearest codes, each taken to a local optimum."""
     if search == "off":

@@ -497,15 +497,21 @@ def _loss_blocks(w_tilde: Any, w: Any, moments: LayerMoments) -> tuple[np.ndarra
     return wt.astype(np.float64), wb.astype(np.float64), flat
 
 
-def reconstruction_loss(w_tilde: np.ndarray, w: np.ndarray, moments: LayerMoments) -> float:
-    """L_rec(W~) = tr(dW G dW^T) + 2 <dW, W E> + tr(W H W^T) = mean over rows of ||W~ x_hat - W x||^2."""
+def row_losses(w_tilde: np.ndarray, w: np.ndarray, moments: LayerMoments) -> np.ndarray:
+    """Each output row's share of L_rec without the constant: dw_o G dw_o^T + 2 dw_o . (W E)_o, blocks [g, O].
+    Rows do not interact, so a per-row choice between codes is exact."""
     wt, wb, _ = _loss_blocks(w_tilde, w, moments)
     dw = wt - wb
-    loss = float(np.sum(np.matmul(dw, moments.gram) * dw))
+    loss = np.sum(np.matmul(dw, moments.gram) * dw, axis=-1)
     cross = moments.cross
     if cross is not None:
-        loss += 2.0 * float(np.sum(dw * np.matmul(wb, cross)))
-    return loss + moments.const_term(wb)
+        loss += 2.0 * np.sum(dw * np.matmul(wb, cross), axis=-1)
+    return loss
+
+
+def reconstruction_loss(w_tilde: np.ndarray, w: np.ndarray, moments: LayerMoments) -> float:
+    """L_rec(W~) = tr(dW G dW^T) + 2 <dW, W E> + tr(W H W^T) = mean over rows of ||W~ x_hat - W x||^2."""
+    return float(np.sum(row_losses(w_tilde, w, moments))) + moments.const_term(w)
 
 
 def reconstruction_grad(w_tilde: np.ndarray, w: np.ndarray, moments: LayerMoments) -> np.ndarray:

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from qonnx.layer_moments import LayerMoments
+from qonnx.layer_moments import LayerMoments, reconstruction_grad, row_losses
 
 # Codes per row whose pairs are tried once no single move helps: an improving pair needs both codes' own gains
 # near zero, so the cheapest singles are where it is; 32 finds every improving pair on the test toys (I <= 12).
@@ -32,15 +32,6 @@ class SearchStats:
     single_moves: int
     pair_moves: int
     rounds: int
-
-
-def row_losses(dequantized: np.ndarray, weight: np.ndarray, moments: LayerMoments) -> np.ndarray:
-    """Each row's share of L_rec, without the constant tr(W H W^T): blocks [g, O, I] -> [g, O]."""
-    dw = dequantized - weight
-    loss = np.einsum("goi,gij,goj->go", dw, moments.gram, dw)
-    if moments.cross is not None:
-        loss += 2.0 * np.sum(dw * np.matmul(weight, moments.cross), axis=-1)
-    return loss
 
 
 def refine_codes(
@@ -73,9 +64,7 @@ def refine_codes(
     gram = moments.gram
     block = np.repeat(np.arange(n_blocks), n_out)  # row -> its block's Gram matrix
     curvature = s * s * np.diagonal(gram, axis1=-2, axis2=-1)[block]
-    resid = 2.0 * np.matmul(s.reshape(shape) * (c.reshape(shape) - z.reshape(shape)) - weight, gram)
-    if moments.cross is not None:
-        resid += 2.0 * np.matmul(weight, moments.cross)
+    resid = reconstruction_grad(s.reshape(shape) * (c.reshape(shape) - z.reshape(shape)), weight, moments)
     resid = resid.reshape(-1, n_in)
     # A move must gain more than rounding noise in the running residual, or two codes could trade places forever.
     tol = 1e-10 * np.max(curvature, axis=-1)
