@@ -26,9 +26,8 @@ from typing import Any
 
 import numpy as np
 
-from qonnx.layer_moments import (  # noqa: F401  (re-exported: the layer side of AdaRound's API)
+from qonnx.layer_blocks import (  # noqa: F401  (re-exported: the layer side of AdaRound's API)
     ConvSpec,
-    LayerMoments,
     _as_blocks,
     _check_grid,
     _qparams,
@@ -38,9 +37,8 @@ from qonnx.layer_moments import (  # noqa: F401  (re-exported: the layer side of
     im2col,
     matmul_weight_blocks,
     nearest_codes,
-    reconstruction_grad,
-    reconstruction_loss,
 )
+from qonnx.layer_moments import LayerMoments, reconstruction_grad, reconstruction_loss  # noqa: F401
 from qonnx.rounding_search import best_rows, refine_codes
 
 log = logging.getLogger(__name__)

@@ -28,7 +28,7 @@ from qonnx.api import optimize
 from qonnx.calibration import open_calibration
 from qonnx.errors import PreconditionError
 from qonnx.export import export_qdq
-from qonnx.layer_moments import ConvSpec, im2col
+from qonnx.layer_blocks import ConvSpec, im2col
 from qonnx.manager import PassContext, PassManager
 from qonnx.pipeline import Pipeline
 from qonnx.qtable import QuantState, Role
