@@ -18,8 +18,9 @@ from qonnx.ort import stream_tensors
 from qonnx.pipeline import Pass, PassResult, option, register
 from qonnx.qtable import QuantState, Role
 from qonnx.quant import scale_zero_point
-from qonnx.ranges import ACTIVATION_METHODS, WEIGHT_METHODS, RangeOptions, activation_range, weight_range
+from qonnx.ranges import ACTIVATION_METHODS, RangeOptions, activation_range
 from qonnx.stats import TensorHistogram
+from qonnx.weight_ranges import WEIGHT_METHODS, weight_range
 
 log = logging.getLogger(__name__)
 STATS_ANALYSIS = "activation-stats"

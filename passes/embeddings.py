@@ -23,7 +23,7 @@ from qonnx.ir import Model
 from qonnx.pipeline import Pass, PassResult, option, register
 from qonnx.qtable import QuantState, Role, TensorQuant
 from qonnx.quant import QuantScheme, scale_zero_point
-from qonnx.ranges import weight_range
+from qonnx.weight_ranges import weight_range
 
 ROW_INT8 = QuantScheme(bits=8, signed=True, symmetric=True, axis=0)
 

@@ -27,8 +27,9 @@ from qonnx.moments import Moments, checked_input_range, propagate_moments
 from qonnx.pipeline import Pass, PassResult, option, register
 from qonnx.qtable import QuantState, Role
 from qonnx.quant import scale_zero_point
-from qonnx.ranges import WEIGHT_METHODS, activation_range
+from qonnx.ranges import activation_range
 from qonnx.synthetic import image_layout, pink_noise_images
+from qonnx.weight_ranges import WEIGHT_METHODS
 
 log = logging.getLogger(__name__)
 MOMENTS_ANALYSIS = "moments"

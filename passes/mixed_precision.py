@@ -39,7 +39,6 @@ from qonnx.ilp import InfeasibleBudget, budget_from_fraction, solve_precision_il
 from qonnx.ir import Model
 from qonnx.pipeline import Pass, PassResult, option, register
 from qonnx.qtable import Role
-from qonnx.ranges import WEIGHT_METHODS
 from qonnx.sensitivity import (
     LOSSES,
     OBJECTIVES,
@@ -47,6 +46,7 @@ from qonnx.sensitivity import (
     SensitivitySettings,
     analyze_sensitivity,
 )
+from qonnx.weight_ranges import WEIGHT_METHODS
 
 log = logging.getLogger(__name__)
 

@@ -23,7 +23,8 @@ from qonnx.ir import Model
 from qonnx.pipeline import Pass, PassResult, option, register
 from qonnx.qtable import QuantState, Role, TensorQuant
 from qonnx.quant import QuantScheme, scale_zero_point
-from qonnx.ranges import expected_sqnr_db, weight_range
+from qonnx.ranges import expected_sqnr_db
+from qonnx.weight_ranges import weight_range
 
 
 @dataclass(frozen=True)

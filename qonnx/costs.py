@@ -26,7 +26,7 @@ from qonnx.ir import Model
 from qonnx.lowbit import nbits_applies
 from qonnx.qtable import LayerQuant, QuantState, Role, TensorQuant
 from qonnx.quant import INT32_BIAS, UINT8_ACT, QuantScheme, scale_zero_point
-from qonnx.ranges import weight_range
+from qonnx.weight_ranges import weight_range
 
 log = logging.getLogger(__name__)
 

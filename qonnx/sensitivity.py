@@ -39,7 +39,7 @@ from qonnx.errors import InputError, PreconditionError
 from qonnx.hessian import hutchinson_trace, kl_divergence
 from qonnx.ir import Model
 from qonnx.quant import expand_blocked, fake_quantize, scale_zero_point
-from qonnx.ranges import WEIGHT_METHODS, weight_range
+from qonnx.weight_ranges import WEIGHT_METHODS, weight_range
 
 log = logging.getLogger(__name__)
 

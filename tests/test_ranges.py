@@ -12,13 +12,12 @@ from qonnx.octav import HistSide, octav_symmetric
 from qonnx.quant import QuantScheme, fake_quantize, scale_zero_point
 from qonnx.ranges import (
     ACTIVATION_METHODS,
-    WEIGHT_METHODS,
     RangeOptions,
     activation_range,
     histogram_mse,
-    weight_range,
 )
 from qonnx.stats import TensorHistogram
+from qonnx.weight_ranges import WEIGHT_METHODS, weight_range
 
 INT4 = QuantScheme(bits=4, signed=True, symmetric=True)
 INT8 = QuantScheme(bits=8, signed=True, symmetric=True)
