@@ -5,7 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 DEFAULT_TASKS = ("efficientnet_lite0", "ppocr_rec", "ppocr_cls", "minilm", "fmnist_cnn")
-# Further qonnx pipelines per task, scored on the task metric (no latency): label -> (pipeline, uses data).
+
+
 @dataclass(frozen=True)
 class Variant:
     """A further qonnx row: its pipeline, whether it gets calibration data, whether it joins the latency table
