@@ -278,7 +278,7 @@ def method_section(results: dict[str, Any]) -> list[str]:
         "shared machine and, for ORT, retried with ORT's own `CalibStridedMinMax` extra option (calibrate 32 "
         "samples at a time and merge); the notes say when that happened.",
         "",
-        f"Latency: ONNX Runtime {m['onnxruntime']} CPU execution provider, `qonnx.ort.latency_session` (all "
+        f"Latency: ONNX Runtime {m['onnxruntime']} CPU execution provider, `qonnx.runtime.ort.latency_session` (all "
         "graph optimisations, sequential execution, intra-op threads = t, inter-op 1, idle workers sleep instead "
         "of spinning), batch 1 (the first evaluation "
         f"sample), {st['warmup']} warm-up runs per model, then {runs} rounds{_rounds_floor(st)} in which every "

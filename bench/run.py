@@ -87,7 +87,7 @@ def subset_npz(src: Path, dst: Path, n: int) -> Path:
 # ---------------------------------------------------------------------------------------------
 def loads_in_ort(path: Path) -> str | None:
     """None when ORT can build a session for the model, else why not."""
-    from qonnx.ort import make_session
+    from qonnx.runtime.ort import make_session
 
     try:
         make_session(str(path), threads=1)
@@ -203,7 +203,7 @@ def ort_kernels(path: Path) -> dict[str, Any]:
     """Integer kernels and float layers in ORT's optimized graph (qonnx's fusion report, any model)."""
     import onnx
 
-    from qonnx.export import fusion_report
+    from qonnx.export.qdq import fusion_report
 
     try:
         rep = fusion_report(onnx.load(str(path)))
@@ -222,7 +222,7 @@ def latency(rows: list[dict[str, Any]], tdir: Path, st: Settings) -> dict[str, A
 
     Returns the machine's load average before and after, since other work on it shows up here.
     """
-    from qonnx.ort import latency_session, measure_latency
+    from qonnx.runtime.ort import latency_session, measure_latency
 
     feed = {k: v[:1] for k, v in load_npz(tdir / "eval.npz").items()}
     live = [r for r in rows if "error" not in r]

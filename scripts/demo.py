@@ -12,8 +12,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repo root ho
 import qonnx  # noqa: E402
 from models._common import cache_dir  # noqa: E402
 from models.tasks import TASKS  # noqa: E402
-from qonnx.calibration import open_calibration  # noqa: E402
-from qonnx.ort import latency_session, measure_latency  # noqa: E402
+from qonnx.data.calibration import open_calibration  # noqa: E402
+from qonnx.runtime.ort import latency_session, measure_latency  # noqa: E402
 
 
 def main(task_name: str) -> None:

@@ -7,5 +7,5 @@ cd "$(dirname "$0")/.."
 python -m pip install -q -e ".[test,qat]"
 bash models/setup.sh -q
 python -m models.prepare --all
-ruff check qonnx passes tests models scripts
+ruff check qonnx tests models scripts bench
 python -m pytest -q

@@ -341,14 +341,14 @@ def calib_file(tmp_path) -> Callable[..., Path]:
 
 @pytest.fixture
 def ctx():
-    from qonnx.manager import PassContext
+    from qonnx.infra.manager import PassContext
 
     return PassContext(seed=0)
 
 
 def import_proto(model: onnx.ModelProto):
     """The qonnx IR for a proto (through the real importer)."""
-    from qonnx.ir import import_model
+    from qonnx.core.ir import import_model
 
     fresh = onnx.ModelProto()
     fresh.CopyFrom(model)
@@ -409,7 +409,7 @@ def timing_independent_default(monkeypatch, request):
     """
     if request.node.get_closest_marker("realmodel") or "test_pipeline" in request.node.nodeid:
         return
-    from qonnx.pipeline import PRESETS
+    from qonnx.infra.pipeline import PRESETS
 
     monkeypatch.setitem(PRESETS, "w8a8", PRESETS["w8a8-static"])
 
@@ -428,7 +428,7 @@ class StepClock:
 
 
 def install_step_clock(monkeypatch, cost: Callable[..., float], *modules) -> StepClock:
-    import qonnx.adaround as core
+    import qonnx.rounding.adaround as core
 
     clock = StepClock(cost)
     real_loss_grad = core.RoundingProblem.loss_grad

@@ -22,7 +22,7 @@ import pytest
 from conftest import install_step_clock
 from onnx import TensorProto, helper
 
-from qonnx.adaround import (
+from qonnx.rounding.adaround import (
     GAMMA,
     ZETA,
     ConvSpec,
@@ -429,7 +429,7 @@ def test_time_budget_schedule_is_refitted_when_steps_get_dearer(monkeypatch):
 
 
 def test_step_seconds_is_positive_and_grows_with_the_layer():
-    from qonnx.adaround import step_seconds
+    from qonnx.rounding.adaround import step_seconds
 
     small, large = step_seconds((1, 8, 8)), step_seconds((1, 512, 512))
     assert 0.0 < small < large

@@ -24,14 +24,14 @@ from conftest import (
 )
 from onnx import numpy_helper
 
-from qonnx.api import optimize
-from qonnx.calibration import open_calibration
+from qonnx.app.api import optimize
+from qonnx.core.qtable import QuantState, Role
+from qonnx.data.calibration import open_calibration
 from qonnx.errors import PreconditionError
-from qonnx.export import export_qdq
-from qonnx.layer_blocks import ConvSpec, im2col
-from qonnx.manager import PassContext, PassManager
-from qonnx.pipeline import Pipeline
-from qonnx.qtable import QuantState, Role
+from qonnx.export.qdq import export_qdq
+from qonnx.infra.manager import PassContext, PassManager
+from qonnx.infra.pipeline import Pipeline
+from qonnx.rounding.layer_blocks import ConvSpec, im2col
 
 W4_RTN = "canonicalize,fold-bn,plan{weight_bits=4},calibrate{weights=mse}"
 W4_ADAROUND = W4_RTN + ",adaround{iterations=2000}"
@@ -123,7 +123,7 @@ def test_time_budget_shortens_the_schedule():
 def test_time_budget_buys_every_layer_the_same_number_of_steps(monkeypatch):
     """Steps timed (here: a fake clock) at a fixed overhead plus a per-multiply-add cost: the conv's step is
     nearly as dear as the Gemm's 14x larger one, so sharing the budget by multiply-adds would starve it."""
-    import passes.adaround as pass_module
+    import qonnx.passes.adaround as pass_module
 
     def cost(shape):
         g, o, i = shape

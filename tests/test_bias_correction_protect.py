@@ -7,12 +7,12 @@ import pytest
 from conftest import build_model, conv_bn_relu_conv, import_proto, make_samples, randn, rng
 
 import qonnx
-from qonnx.calibration import open_calibration
+from qonnx.data.calibration import open_calibration
 from qonnx.errors import PreconditionError
-from qonnx.export import export_qdq
-from qonnx.manager import PassContext
-from qonnx.ort import make_session
-from qonnx.pipeline import Pipeline
+from qonnx.export.qdq import export_qdq
+from qonnx.infra.manager import PassContext
+from qonnx.infra.pipeline import Pipeline
+from qonnx.runtime.ort import make_session
 
 
 def run(model, spec: str, data):
@@ -197,7 +197,7 @@ def test_plan_exclude_with_an_unknown_node_name_is_an_error():
 
 
 def test_protect_dynamic_fallback_runs_as_dynamic_quantize_matmul():
-    from qonnx.ort import optimized_graph
+    from qonnx.runtime.ort import optimized_graph
 
     model = outlier_mlp()
     data, held_out = outlier_data(64, 0), outlier_data(64, 1)
@@ -214,7 +214,7 @@ def test_protect_dynamic_fallback_runs_as_dynamic_quantize_matmul():
 
 def test_per_run_matmuls_survive_a_later_replan():
     """keep-fast re-plans with more layers excluded: protect's per-run MatMuls must stay per run."""
-    from passes.plan import replan_excluding
+    from qonnx.passes.plan import replan_excluding
 
     model, data = outlier_mlp(), outlier_data()
     sqnrs = _input_sqnrs(model, data)

@@ -16,7 +16,7 @@ from conftest import (
     rng,
 )
 
-from qonnx.calibration import CalibrationSet, open_calibration
+from qonnx.data.calibration import CalibrationSet, open_calibration
 from qonnx.errors import InputError
 
 N = 10
@@ -395,7 +395,7 @@ def test_npz_arrays_disagreeing_on_sample_count(tmp_path, two_input_ir):
 
 # --------------------------------------------------------------------------- streaming through ORT
 def test_stream_tensors_gives_each_batch_and_lets_go_of_the_one_before(mlp_ir):
-    from qonnx.ort import stream_tensors
+    from qonnx.runtime.ort import stream_tensors
 
     proto = mlp_ir.to_onnx()
     first = mlp_ir.nodes[0]

@@ -20,8 +20,8 @@ from conftest import (
     shape_chain_pad,
 )
 
-from qonnx.manager import PassContext
-from qonnx.pipeline import Pipeline, registry
+from qonnx.infra.manager import PassContext
+from qonnx.infra.pipeline import Pipeline, registry
 
 RTOL, ATOL = 1e-5, 1e-6
 

@@ -21,11 +21,11 @@ from conftest import (
 from onnx import numpy_helper
 
 import qonnx
-from passes.cle import in_ranges, out_ranges
-from qonnx.chains import find_chains
+from qonnx.analyses.chains import find_chains
 from qonnx.errors import PreconditionError
-from qonnx.manager import PassContext, PassManager
-from qonnx.pipeline import Pipeline, registry
+from qonnx.infra.manager import PassContext, PassManager
+from qonnx.infra.pipeline import Pipeline, registry
+from qonnx.passes.cle import in_ranges, out_ranges
 
 
 def cle(model, **options):
@@ -480,7 +480,7 @@ def test_max_pool_and_residual_add_break_chains():
 def test_cle_refuses_a_calibrated_model():
     original = conv_bn_relu_conv()
     model = import_proto(original)
-    from qonnx.calibration import open_calibration
+    from qonnx.data.calibration import open_calibration
 
     ctx = PassContext(seed=0, calibration=open_calibration(make_samples(original, 8), model, None))
     model, _ = PassManager(Pipeline.parse("fold-bn,plan,calibrate")).run(model, ctx)

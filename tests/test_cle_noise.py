@@ -11,11 +11,11 @@ from onnx import numpy_helper
 from test_cle import NUMERIC_CASES, conv_relu_conv, imbalanced
 
 import qonnx
-from passes.cle import statistics_needed
-from qonnx.chains import activation_output, find_chains
-from qonnx.cle_noise import collect_channel_stats, noise_scales, pair_noise
+from qonnx.analyses.chains import activation_output, find_chains
 from qonnx.errors import PreconditionError
-from qonnx.pipeline import Pipeline
+from qonnx.infra.pipeline import Pipeline
+from qonnx.numerics.cle_noise import collect_channel_stats, noise_scales, pair_noise
+from qonnx.passes.cle import statistics_needed
 
 NOISE = "cle{objective=noise}"
 
@@ -192,10 +192,10 @@ def reachable_ranges(model) -> np.ndarray:
 
 @pytest.mark.parametrize("use_bound", [True, False])
 def test_a_quiet_clipped_channel_is_not_scaled_past_its_bound(use_bound, monkeypatch):
-    import passes.cle
+    import qonnx.passes.cle
 
     if not use_bound:  # the statistics alone: what the bound protects against
-        monkeypatch.setattr(passes.cle, "_upper_bound", lambda model, clips: None)
+        monkeypatch.setattr(qonnx.passes.cle, "_upper_bound", lambda model, clips: None)
     original = quiet_clipped_channel()
     result = qonnx.optimize(original, make_samples(original, 16, seed=2), pipeline=NOISE, holdout=0)
     reach = reachable_ranges(result.ir)
@@ -211,8 +211,8 @@ MOMENTS = "cle{objective=noise,statistics=moments}"
 
 
 def test_channel_stats_from_moments():
-    from qonnx.cle_noise import stats_from_moments
-    from qonnx.moments import Moments
+    from qonnx.analyses.moments import Moments
+    from qonnx.numerics.cle_noise import stats_from_moments
 
     free = stats_from_moments(Moments(np.array([1.0, -2.0, 0.0]), np.array([4.0, 1.0, 0.0]), 0, 0), width=3.0)
     np.testing.assert_allclose(free.max_abs, [7.0, 5.0, 0.0])  # |mean| + 3 std

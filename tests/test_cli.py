@@ -29,8 +29,8 @@ from conftest import (
 )
 from onnx import external_data_helper
 
-from qonnx.cli import main
-from qonnx.pipeline import PRESETS, Pipeline, registry
+from qonnx.app.cli import main
+from qonnx.infra.pipeline import PRESETS, Pipeline, registry
 
 QONNX = shutil.which("qonnx") or str(Path(sys.executable).parent / "qonnx")
 

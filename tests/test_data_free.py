@@ -7,11 +7,13 @@ import pytest
 from conftest import build_model, conv_bn_relu_conv, depthwise_block, import_proto, randn, rng
 
 import qonnx
+from qonnx.analyses.moments import clipped_gaussian_moments, gaussian_expectation, propagate_moments
+from qonnx.app.api import evaluate_fidelity
+from qonnx.core.qtable import QuantState, Role
+from qonnx.data.calibration import open_calibration
 from qonnx.errors import PreconditionError
-from qonnx.manager import PassContext
-from qonnx.moments import clipped_gaussian_moments, gaussian_expectation, propagate_moments
-from qonnx.pipeline import Pipeline
-from qonnx.qtable import QuantState, Role
+from qonnx.infra.manager import PassContext
+from qonnx.infra.pipeline import Pipeline
 
 
 # --------------------------------------------------------------------------- analytic expectations
@@ -130,7 +132,7 @@ def bn_matched_to_data(samples: dict[str, np.ndarray]):
 
     proto = conv_bn_relu_conv()
     inits = {i.name: numpy_helper.to_array(i) for i in proto.graph.initializer}
-    from qonnx.ort import make_session, with_outputs
+    from qonnx.runtime.ort import make_session, with_outputs
 
     session = make_session(with_outputs(proto, ["c1"]).SerializeToString())
     conv = np.concatenate([session.run(["c1"], {"x": x[None]})[0] for x in samples["x"]])
@@ -147,8 +149,8 @@ def test_dfq_runs_without_calibration_data_and_stays_close_to_float():
     original = bn_matched_to_data(samples)
     result = qonnx.optimize(original, None, pipeline="dfq")
     assert "calibrate" not in [p.name for p in result.pipeline]
-    sqnr = qonnx.api.evaluate_fidelity(original.SerializeToString(), result.to_bytes(),
-                                       qonnx.calibration.open_calibration(samples, import_proto(original)))
+    sqnr = evaluate_fidelity(original.SerializeToString(), result.to_bytes(),
+                                       open_calibration(samples, import_proto(original)))
     assert sqnr["sqnr_db"] > 20, sqnr
 
 
@@ -258,7 +260,7 @@ def test_per_channel_bounds_equal_one_call_per_channel():
 
 # --------------------------------------------------------------------------- synthetic images (no BN statistics)
 def test_pink_noise_images_are_deterministic_in_range_and_spatially_correlated():
-    from qonnx.synthetic import pink_noise_images
+    from qonnx.data.synthetic import pink_noise_images
 
     a = pink_noise_images([1, 3, 32, 32], 4, (-1.0, 1.0), seed=3)
     b = pink_noise_images([1, 3, 32, 32], 4, (-1.0, 1.0), seed=3)
@@ -275,7 +277,7 @@ def test_pink_noise_images_are_deterministic_in_range_and_spatially_correlated()
 
 @pytest.mark.parametrize("shape", [[1, 4, 8, 8], [1, 3, None, 8], [1, 16], [1, 3, 4, 4]])
 def test_pink_noise_refuses_inputs_that_are_not_images(shape):
-    from qonnx.synthetic import image_layout, pink_noise_images
+    from qonnx.data.synthetic import image_layout, pink_noise_images
 
     assert image_layout(shape) is None
     with pytest.raises(ValueError, match="synthetic images"):

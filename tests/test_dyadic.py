@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from qonnx.dyadic import MAX_SHIFT, PRODUCT_LIMIT, Dyadic, common_shift, dyadic, requantize
+from qonnx.export.dyadic import MAX_SHIFT, PRODUCT_LIMIT, Dyadic, common_shift, dyadic, requantize
 
 
 def _exact_requant(acc: int, b: int, c: int, zp: int, lo: int, hi: int) -> int:

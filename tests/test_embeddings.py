@@ -8,11 +8,11 @@ from conftest import build_model, import_proto, op_counts, rng, run_ort
 from onnx import TensorProto, helper, numpy_helper
 
 import qonnx
-from qonnx.calibration import open_calibration
-from qonnx.export import export_qdq
-from qonnx.export_qop import export_qop
-from qonnx.manager import PassContext
-from qonnx.pipeline import Pipeline
+from qonnx.data.calibration import open_calibration
+from qonnx.export.qdq import export_qdq
+from qonnx.export.qop import export_qop
+from qonnx.infra.manager import PassContext
+from qonnx.infra.pipeline import Pipeline
 
 VOCAB, DIM = 600, 128  # 76,800 elements: above the default min_elements
 
@@ -162,7 +162,7 @@ def test_qop_export_of_a_planned_model_keeps_the_lookup_and_the_layers():
 
 def test_a_lookup_table_for_a_missing_gather_is_an_error_not_a_silent_float():
     from qonnx.errors import ExportError
-    from qonnx.manager import StructuralVerifier, VerificationError
+    from qonnx.infra.manager import StructuralVerifier, VerificationError
 
     ir, results = run(import_proto(embedder()), "embeddings")
     ir.quant.gathers["no_such_gather"] = ir.quant.gathers.popitem()[1]

@@ -28,10 +28,10 @@ from onnx import numpy_helper
 
 import qonnx
 from qonnx.errors import ExportError
-from qonnx.export import export_qdq
-from qonnx.manager import PassContext, PassManager
-from qonnx.ort import optimized_graph
-from qonnx.pipeline import Pipeline
+from qonnx.export.qdq import export_qdq
+from qonnx.infra.manager import PassContext, PassManager
+from qonnx.infra.pipeline import Pipeline
+from qonnx.runtime.ort import optimized_graph
 
 SQNR_FLOOR_DB = 25.0
 FLOAT_LAYERS = {"Conv", "FusedConv", "NhwcFusedConv", "Gemm", "FusedGemm", "MatMul", "FusedMatMul"}
@@ -310,7 +310,7 @@ def test_one_conv_integer_reference_matches_ort_within_one_lsb():
 
 # --------------------------------------------------------------------------- export contract
 def calibrated_ir(builder=conv_bn_relu_conv):
-    from qonnx.calibration import open_calibration
+    from qonnx.data.calibration import open_calibration
 
     model = builder()
     ir = import_proto(model)

@@ -25,17 +25,17 @@ from conftest import (
 from onnx import numpy_helper
 
 import qonnx
-from qonnx.calibration import open_calibration
+from qonnx.core.qtable import Role, TensorQuant
+from qonnx.data.calibration import open_calibration
 from qonnx.errors import ExportError, InputError
-from qonnx.export import fusion_report
-from qonnx.export_int import export_int_only
-from qonnx.export_qop import export_qop
-from qonnx.intref import IntegerReference
-from qonnx.manager import PassContext, PassManager
-from qonnx.ort import optimized_graph
-from qonnx.pipeline import Pipeline
-from qonnx.qtable import Role, TensorQuant
-from qonnx.quant import QuantScheme
+from qonnx.export.int_only import export_int_only
+from qonnx.export.intref import IntegerReference
+from qonnx.export.qdq import export_qdq, fusion_report
+from qonnx.export.qop import export_qop
+from qonnx.infra.manager import PassContext, PassManager
+from qonnx.infra.pipeline import Pipeline
+from qonnx.numerics.quant import QuantScheme
+from qonnx.runtime.ort import optimized_graph
 
 PIPELINE = "w8a8"
 ATTENTION = "canonicalize,fold-bn,plan{activation_matmul=true},calibrate,bias-correction"
@@ -55,7 +55,7 @@ def optimized(name: str):
 
 def calibrated(model: onnx.ModelProto, edit=None):
     """A calibrated IR (plan, then calibrate); `edit(ir)` runs in between (to add table entries)."""
-    from qonnx.pipeline import registry
+    from qonnx.infra.pipeline import registry
 
     ir = import_proto(model)
     ctx = PassContext(calibration=open_calibration(make_samples(model, 16, seed=1), ir), seed=0)
@@ -166,7 +166,7 @@ def test_concat_mul_average_pool_and_pass_through_ops():
     }""", {"wa": randn(g, 4, 3, 1, 1), "ba": randn(g, 4), "wb": randn(g, 4, 3, 1, 1), "bb": randn(g, 4),
            "wc": randn(g, 4, 8, 1, 1), "bc": randn(g, 4)})
     ir = calibrated(model)
-    qdq = qonnx.export.export_qdq(ir)
+    qdq = export_qdq(ir)
     proto = export_qop(ir)
     ops = op_counts(proto)
     assert ops == {"QuantizeLinear": 1, "QLinearConv": 3, "QLinearConcat": 1, "QLinearMul": 1, "MaxPool": 1,
@@ -204,7 +204,7 @@ def test_unary_activations_with_quantized_output(op):
     proto = export_qop(ir)
     assert op_counts(proto).get(f"QLinear{op}", 0) == 1
     feed = feed_for(model, seed=4, batch=1)
-    qdq = run_ort(qonnx.export.export_qdq(ir), feed, "all")[0]
+    qdq = run_ort(export_qdq(ir), feed, "all")[0]
     scale = output_scale(proto, "y")
     assert lsb_diff(run_ort(proto, feed, "all")[0], qdq, scale).max() <= 1
     ints = export_int_only(ir)
@@ -223,7 +223,7 @@ def test_op_without_integer_form_becomes_a_float_island_in_qop_and_an_error_in_i
     consumer = next(n for n in proto.graph.node if island.output[0] in n.input)
     assert consumer.op_type == "QuantizeLinear"
     feed = feed_for(model, seed=5, batch=1)
-    qdq = run_ort(qonnx.export.export_qdq(ir), feed, "all")[0]
+    qdq = run_ort(export_qdq(ir), feed, "all")[0]
     assert lsb_diff(run_ort(proto, feed, "all")[0], qdq, output_scale(proto, "y")).max() <= 1
     with pytest.raises(ExportError, match="Softsign"):
         export_int_only(ir)
@@ -239,7 +239,7 @@ def test_relu_the_grid_does_not_cover_keeps_the_layer_float_with_qdq_numerics():
     ops = op_counts(proto)
     assert ops == {"QuantizeLinear": 2, "DequantizeLinear": 4, "Conv": 1, "Relu": 1}, ops  # DQ: x, w, b, y
     feed = feed_for(model, seed=6, batch=1)
-    qdq = run_ort(qonnx.export.export_qdq(ir), feed, "all")[0]
+    qdq = run_ort(export_qdq(ir), feed, "all")[0]
     np.testing.assert_array_equal(run_ort(proto, feed, "all")[0], qdq)
 
 
@@ -313,7 +313,7 @@ def test_qop_writes_dynamic_matmuls_as_the_qdq_exporter_does():
     ops = op_counts(proto)
     assert ops.get("DynamicQuantizeLinear", 0) == 1 and ops.get("MatMulInteger", 0) == 1 and "MatMul" not in ops
     feed = feed_for(MODEL_BUILDERS["matmul_mlp"](), seed=8, batch=3)
-    np.testing.assert_allclose(run_ort(proto, feed, "all")[0], run_ort(qonnx.export.export_qdq(ir), feed, "all")[0],
+    np.testing.assert_allclose(run_ort(proto, feed, "all")[0], run_ort(export_qdq(ir), feed, "all")[0],
                                rtol=1e-5, atol=1e-5)
 
 

@@ -16,8 +16,8 @@ from conftest import (
     run_ort,
 )
 
-from qonnx.manager import PassContext
-from qonnx.pipeline import registry
+from qonnx.infra.manager import PassContext
+from qonnx.infra.pipeline import registry
 
 
 def fold(model):

@@ -7,7 +7,7 @@ from collections.abc import Callable
 import numpy as np
 import pytest
 
-from qonnx.hessian import hutchinson_trace, kl_divergence, rademacher
+from qonnx.numerics.hessian import hutchinson_trace, kl_divergence, rademacher
 
 
 def hutchinson_variance(h: np.ndarray) -> float:

@@ -5,8 +5,8 @@ from __future__ import annotations
 import numpy as np
 from conftest import bn_params, build_model, conv_bn_relu_conv, feed_for, import_proto, randn, rng, run_ort
 
-from qonnx.manager import PassContext
-from qonnx.pipeline import Pipeline
+from qonnx.infra.manager import PassContext
+from qonnx.infra.pipeline import Pipeline
 
 
 def run(model, spec: str):
@@ -38,7 +38,7 @@ def matched_bn(proto):
     """Set the BN running statistics to the conv output's on the test feed (as training would)."""
     from onnx import numpy_helper
 
-    from qonnx.ort import make_session, with_outputs
+    from qonnx.runtime.ort import make_session, with_outputs
 
     feed = feed_for(proto, seed=11, batch=1)
     conv = make_session(with_outputs(proto, ["c1"]).SerializeToString()).run(["c1"], feed)[0]

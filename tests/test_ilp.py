@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import pytest
 
-from qonnx.ilp import (
+from qonnx.numerics.ilp import (
     IlpResult,
     InfeasibleBudget,
     benchmark_ilp,

@@ -10,9 +10,9 @@ from conftest import depthwise_block, make_samples, run_ort, save_npz
 from onnx import TensorProto, helper, numpy_helper
 
 import qonnx
-from qonnx.cli import main
+from qonnx.app.cli import main
 from qonnx.errors import UnsupportedModelError
-from qonnx.intref import OPS, IntegerOverflowError, IntegerReference, integer_check
+from qonnx.export.intref import OPS, IntegerOverflowError, IntegerReference, integer_check
 
 
 def graph(nodes, inputs, outputs, inits, opset: int = 17) -> onnx.ModelProto:

@@ -1,4 +1,4 @@
-"""The importer and IR boundary (qonnx/ir.py) and the quant table (qonnx/qtable.py)."""
+"""The importer and IR boundary (qonnx/core/ir.py) and the quant table (qonnx/core/qtable.py)."""
 
 from __future__ import annotations
 
@@ -8,11 +8,11 @@ import pytest
 from conftest import conv_bn_relu_conv, feed_for, import_proto, op_counts, run_ort
 from onnx import helper
 
+from qonnx.core.ir import import_model, load_model
+from qonnx.core.modelio import save_model, write_bytes_atomic
+from qonnx.core.qtable import LayerQuant, QuantTable, Role, TensorQuant
 from qonnx.errors import InputError, UnsupportedModelError
-from qonnx.ir import import_model, load_model
-from qonnx.modelio import save_model, write_bytes_atomic
-from qonnx.qtable import LayerQuant, QuantTable, Role, TensorQuant
-from qonnx.quant import QuantScheme
+from qonnx.numerics.quant import QuantScheme
 
 
 def test_old_opset_is_upgraded_and_stays_exact():

@@ -5,11 +5,11 @@ from __future__ import annotations
 import pytest
 from conftest import conv_bn_relu_conv, import_proto, make_samples
 
-import passes.keep_fast as keep_fast
-from qonnx.calibration import open_calibration
-from qonnx.manager import PassContext
-from qonnx.ort import Latency
-from qonnx.pipeline import Pipeline
+import qonnx.passes.keep_fast as keep_fast
+from qonnx.data.calibration import open_calibration
+from qonnx.infra.manager import PassContext
+from qonnx.infra.pipeline import Pipeline
+from qonnx.runtime.ort import Latency
 
 
 def planned(model, data):
@@ -92,7 +92,7 @@ def test_real_measurement_on_a_tiny_model_never_returns_a_slower_model(model_and
 
 
 def test_measure_latency_times_every_session_equally_with_varying_neighbours():
-    from qonnx.ort import measure_latency
+    from qonnx.runtime.ort import measure_latency
 
     calls: list[int] = []
 

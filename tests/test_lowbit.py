@@ -23,20 +23,20 @@ from conftest import (
 )
 from onnx import numpy_helper
 
-from qonnx.api import optimize
+from qonnx.app.api import optimize
+from qonnx.core.qtable import Role
 from qonnx.errors import PreconditionError
-from qonnx.export import export_qdq
-from qonnx.lowbit import pack_nbits_weight
-from qonnx.manager import PassContext, PassManager
-from qonnx.pipeline import Pipeline
-from qonnx.qtable import Role
-from qonnx.quant import QuantScheme, dequantize, expand_blocked, quantize
+from qonnx.export.lowbit import pack_nbits_weight
+from qonnx.export.qdq import export_qdq
+from qonnx.infra.manager import PassContext, PassManager
+from qonnx.infra.pipeline import Pipeline
+from qonnx.numerics.quant import QuantScheme, dequantize, expand_blocked, quantize
 
 W4_WEIGHT_ONLY = "canonicalize,fold-bn,plan{weight_bits=4,activations=float},calibrate-weights"
 
 
 def run_pipeline(proto, text, samples=None):
-    from qonnx.calibration import open_calibration
+    from qonnx.data.calibration import open_calibration
 
     ir = import_proto(proto)
     calib = open_calibration(samples, ir) if samples is not None else None

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from conftest import rng
 
-from qonnx.metrics import Fidelity
+from qonnx.numerics.metrics import Fidelity
 
 
 def test_identical_outputs():

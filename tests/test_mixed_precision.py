@@ -10,20 +10,20 @@ import pytest
 from conftest import build_model, conv_pool_gemm, import_proto, make_samples, randn, residual_block, rng
 from test_sensitivity import sensitive_classifier
 
-from passes.mixed_precision import (
+from qonnx.analyses.costs import PRECISIONS, compute_costs, find_units
+from qonnx.core.qtable import Role
+from qonnx.data.calibration import open_calibration
+from qonnx.errors import PipelineParseError, PreconditionError
+from qonnx.export.qdq import export_qdq
+from qonnx.infra.manager import PassContext, PassManager, StructuralVerifier
+from qonnx.infra.pipeline import Pipeline
+from qonnx.numerics.ilp import InfeasibleBudget
+from qonnx.passes.mixed_precision import (
     FLOAT_REASON,
     apply_choice,
     baseline_choice,
     parse_budget,
 )
-from qonnx.calibration import open_calibration
-from qonnx.costs import PRECISIONS, compute_costs, find_units
-from qonnx.errors import PipelineParseError, PreconditionError
-from qonnx.export import export_qdq
-from qonnx.ilp import InfeasibleBudget
-from qonnx.manager import PassContext, PassManager, StructuralVerifier
-from qonnx.pipeline import Pipeline
-from qonnx.qtable import Role
 
 
 def run(proto: onnx.ModelProto, text: str, n: int = 32, seed: int = 0, model=None, ctx=None):
@@ -262,7 +262,7 @@ def test_lite0_halfway_budget_ilp_is_no_worse_than_the_baselines():
     sys.path.insert(0, str(root))
     from models.prepare import prepare_task
     from models.tasks import task_dir
-    from qonnx.ir import load_model
+    from qonnx.core.ir import load_model
 
     folder = task_dir("efficientnet_lite0")
     if not (folder / "model.onnx").exists():

@@ -11,8 +11,8 @@ from conftest import conv_bn_relu_conv, import_proto, make_samples
 
 import qonnx
 from qonnx.errors import PassError, PipelineParseError, PreconditionError, VerificationError
-from qonnx.manager import NumericVerifier, PassContext, PassManager, Reproducer, StructuralVerifier
-from qonnx.pipeline import PRESETS, Pass, PassResult, Pipeline, registry, resolve
+from qonnx.infra.manager import NumericVerifier, PassContext, PassManager, Reproducer, StructuralVerifier
+from qonnx.infra.pipeline import PRESETS, Pass, PassResult, Pipeline, registry, resolve
 
 BUILTIN = {"canonicalize", "fold-bn", "plan", "calibrate"}
 
@@ -299,7 +299,7 @@ def test_pass_records_and_metadata_from_optimize():
 
 # --------------------------------------------------------------------------- qonnx passes
 def test_cli_passes_lists_every_registered_pass_option_and_preset():
-    from qonnx.cli import main
+    from qonnx.app.cli import main
 
     result = CliRunner().invoke(main, ["passes"])
     assert result.exit_code == 0, result.output

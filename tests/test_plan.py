@@ -17,9 +17,9 @@ from conftest import (
     rng,
 )
 
-from qonnx.manager import PassContext
-from qonnx.pipeline import Pipeline, registry
-from qonnx.qtable import Role
+from qonnx.core.qtable import Role
+from qonnx.infra.manager import PassContext
+from qonnx.infra.pipeline import Pipeline, registry
 
 UINT8_ASYM = dict(bits=8, signed=False, symmetric=False, axis=None)
 

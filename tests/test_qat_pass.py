@@ -10,16 +10,16 @@ from conftest import build_model, import_proto, randn, rng, run_ort
 
 torch = pytest.importorskip("torch")
 
-from qonnx.api import optimize  # noqa: E402
-from qonnx.calibration import open_calibration  # noqa: E402
-from qonnx.cli import main  # noqa: E402
+from qonnx.app.api import optimize  # noqa: E402
+from qonnx.app.cli import main  # noqa: E402
+from qonnx.core.qtable import QuantState, Role  # noqa: E402
+from qonnx.data.calibration import open_calibration  # noqa: E402
 from qonnx.errors import InputError, PreconditionError  # noqa: E402
-from qonnx.manager import PassContext, PassManager  # noqa: E402
-from qonnx.pipeline import Pipeline  # noqa: E402
+from qonnx.infra.manager import PassContext, PassManager  # noqa: E402
+from qonnx.infra.pipeline import Pipeline  # noqa: E402
 from qonnx.qat.model import Student  # noqa: E402
 from qonnx.qat.options import TrainConfig  # noqa: E402
 from qonnx.qat.train import Trainer  # noqa: E402
-from qonnx.qtable import QuantState, Role  # noqa: E402
 
 
 @pytest.fixture(autouse=True)

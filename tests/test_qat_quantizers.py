@@ -9,7 +9,8 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
-from qonnx.octav import octav_symmetric, raw_tails  # noqa: E402
+from qonnx.numerics.octav import octav_symmetric, raw_tails  # noqa: E402
+from qonnx.numerics.quant import QuantScheme  # noqa: E402
 from qonnx.qat.oscillations import OscillationTracker, cosine_anneal, dampening_weight, freeze_threshold  # noqa: E402
 from qonnx.qat.quantizers import (  # noqa: E402
     WeightQuantizer,
@@ -20,7 +21,6 @@ from qonnx.qat.quantizers import (  # noqa: E402
     octav_clip,
     round_ste,
 )
-from qonnx.quant import QuantScheme  # noqa: E402
 
 
 def track(sequence, momentum=0.1):

@@ -27,8 +27,8 @@ def test_core_works_and_qat_explains_without_torch(tmp_path):
     np.savez(tmp_path / "c.npz", **make_samples(conv_bn_relu_conv(), 16))
     code = """
 from click.testing import CliRunner
-from qonnx.cli import main
-import qonnx, passes
+from qonnx.app.cli import main
+import qonnx, qonnx.passes
 r = CliRunner().invoke(main, ["passes"])
 assert r.exit_code == 0 and "qat:" in r.output, r.output
 r = CliRunner().invoke(main, ["optimize", "m.onnx", "-o", "q.onnx", "--calib-data", "c.npz", "--preset", "w8a8-static"])

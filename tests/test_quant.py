@@ -9,7 +9,7 @@ import pytest
 from onnx import TensorProto, helper
 from onnx.reference import ReferenceEvaluator
 
-from qonnx.quant import (
+from qonnx.numerics.quant import (
     MIN_SCALE,
     QuantScheme,
     dequantize,

@@ -8,16 +8,16 @@ import numpy as np
 import pytest
 from scipy.special import ndtr, ndtri
 
-from qonnx.octav import HistSide, octav_symmetric
-from qonnx.quant import QuantScheme, fake_quantize, scale_zero_point
-from qonnx.ranges import (
+from qonnx.numerics.octav import HistSide, octav_symmetric
+from qonnx.numerics.quant import QuantScheme, fake_quantize, scale_zero_point
+from qonnx.numerics.ranges import (
     ACTIVATION_METHODS,
     RangeOptions,
     activation_range,
     histogram_mse,
 )
-from qonnx.stats import TensorHistogram
-from qonnx.weight_ranges import WEIGHT_METHODS, weight_range
+from qonnx.numerics.stats import TensorHistogram
+from qonnx.numerics.weight_ranges import WEIGHT_METHODS, weight_range
 
 INT4 = QuantScheme(bits=4, signed=True, symmetric=True)
 INT8 = QuantScheme(bits=8, signed=True, symmetric=True)

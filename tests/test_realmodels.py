@@ -14,11 +14,11 @@ from pathlib import Path
 import pytest
 
 import qonnx
+from qonnx.core.ir import load_model
 from qonnx.errors import UnsupportedModelError
-from qonnx.ir import load_model
-from qonnx.manager import PassContext
-from qonnx.ort import optimized_graph
-from qonnx.pipeline import Pipeline
+from qonnx.infra.manager import PassContext
+from qonnx.infra.pipeline import Pipeline
+from qonnx.runtime.ort import optimized_graph
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -127,12 +127,12 @@ def test_bias_correction_reduces_every_corrected_layers_mean_error_on_held_out_i
     error of each layer on images it never saw (layer inputs from the float model, as bias correction's)."""
     import numpy as np
 
-    from qonnx.calibration import open_calibration
-    from qonnx.export import quantized_weight_codes
-    from qonnx.layers import channel_response
-    from qonnx.manager import PassManager
-    from qonnx.ort import stream_tensors
-    from qonnx.quant import dequantize
+    from qonnx.core.layers import channel_response
+    from qonnx.data.calibration import open_calibration
+    from qonnx.export.qdq import quantized_weight_codes
+    from qonnx.infra.manager import PassManager
+    from qonnx.numerics.quant import dequantize
+    from qonnx.runtime.ort import stream_tensors
 
     folder = prepared("efficientnet_lite0")
     model = load_model(folder / "model.onnx")

@@ -8,10 +8,10 @@ import pytest
 from conftest import build_model, depthwise_block, feed_for, import_proto, op_counts, randn, rng, run_ort
 from onnx import helper, numpy_helper
 
+from qonnx.core.ir import Model
 from qonnx.errors import PreconditionError
-from qonnx.ir import Model
-from qonnx.manager import PassContext
-from qonnx.pipeline import Pipeline, registry
+from qonnx.infra.manager import PassContext
+from qonnx.infra.pipeline import Pipeline, registry
 
 
 def relu6(model, **options):

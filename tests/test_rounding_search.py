@@ -5,9 +5,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from qonnx.adaround import LayerMoments, adaround_weights, nearest_codes, reconstruction_loss
-from qonnx.layer_moments import row_losses
-from qonnx.rounding_search import best_rows, refine_codes
+from qonnx.rounding.adaround import LayerMoments, adaround_weights, nearest_codes, reconstruction_loss
+from qonnx.rounding.layer_moments import row_losses
+from qonnx.rounding.search import best_rows, refine_codes
 
 
 def _layer(seed: int, o: int = 6, i: int = 10, asymmetric: bool = True, mixing: float = 0.8):

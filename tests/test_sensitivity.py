@@ -19,14 +19,8 @@ from conftest import (
     save_npz,
 )
 
-from qonnx.calibration import open_calibration
-from qonnx.costs import PRECISIONS, compute_costs, find_units, layer_macs, weight_bytes
-from qonnx.errors import PreconditionError
-from qonnx.hessian import kl_divergence
-from qonnx.manager import PassContext, PassManager
-from qonnx.ort import make_session
-from qonnx.pipeline import Pipeline
-from qonnx.sensitivity import (
+from qonnx.analyses.costs import PRECISIONS, compute_costs, find_units, layer_macs, weight_bytes
+from qonnx.analyses.sensitivity import (
     SensitivityReport,
     SensitivitySettings,
     UnitProbe,
@@ -34,6 +28,12 @@ from qonnx.sensitivity import (
     loss_target,
     quantized_weight,
 )
+from qonnx.data.calibration import open_calibration
+from qonnx.errors import PreconditionError
+from qonnx.infra.manager import PassContext, PassManager
+from qonnx.infra.pipeline import Pipeline
+from qonnx.numerics.hessian import kl_divergence
+from qonnx.runtime.ort import make_session
 
 
 def sensitive_classifier(seed: int = 20) -> onnx.ModelProto:
@@ -106,7 +106,7 @@ def test_unit_probe_reproduces_the_model_and_applies_the_weight(builder):
 
 
 def onnx_with_output(proto: onnx.ModelProto, name: str) -> onnx.ModelProto:
-    from qonnx.ort import with_outputs
+    from qonnx.runtime.ort import with_outputs
 
     return with_outputs(proto, [name])
 
@@ -203,8 +203,8 @@ def test_layer_macs_and_weight_bytes():
 
 
 def test_latency_microbenchmark_runs_each_layer_as_the_exporter_writes_it(ctx):
-    from qonnx.costs import _micro_model, layer_shapes, measure_latency_costs
-    from qonnx.export import fusion_report
+    from qonnx.analyses.costs import _micro_model, layer_shapes, measure_latency_costs
+    from qonnx.export.qdq import fusion_report
 
     model, mctx = planned(conv_pool_gemm())
     costs = compute_costs(model, mctx)
@@ -235,7 +235,7 @@ def _files(tmp_path, proto, n=40):
 def test_pareto_sweep_trades_size_for_sensitivity_and_plots(tmp_path):
     from PIL import Image
 
-    from qonnx.pareto import pareto_sweep, plot_pareto
+    from qonnx.app.pareto import pareto_sweep, plot_pareto
 
     model, calib = _files(tmp_path, residual_block())
     sweep = pareto_sweep(model, calib, fractions=(0.0, 0.5, 1.0), holdout=8, cache_file=tmp_path / "s.json")
@@ -257,7 +257,7 @@ def test_pareto_sweep_trades_size_for_sensitivity_and_plots(tmp_path):
 def test_cli_sensitivity_writes_table_sweep_and_plot(tmp_path):
     from click.testing import CliRunner
 
-    from qonnx.cli import main
+    from qonnx.app.cli import main
 
     model, calib = _files(tmp_path, sensitive_classifier())
     out = tmp_path / "out"

@@ -7,11 +7,11 @@ import pytest
 from conftest import build_model, import_proto, randn, rng
 
 import qonnx
-from qonnx.calibration import open_calibration
+from qonnx.data.calibration import open_calibration
 from qonnx.errors import PreconditionError
-from qonnx.manager import PassContext
-from qonnx.ort import make_session
-from qonnx.pipeline import Pipeline
+from qonnx.infra.manager import PassContext
+from qonnx.infra.pipeline import Pipeline
+from qonnx.runtime.ort import make_session
 
 
 def gelu_mlp(seed: int = 41):

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from qonnx.stats import TensorHistogram
+from qonnx.numerics.stats import TensorHistogram
 
 
 def _data(seed: int = 0) -> list[np.ndarray]:
@@ -121,11 +121,11 @@ def test_properties_and_validation() -> None:
 
 
 def test_large_batches_are_processed_in_chunks(monkeypatch: pytest.MonkeyPatch) -> None:
-    import qonnx.stats
+    import qonnx.numerics.stats
 
     batches = _data()
     reference = _one_pass(batches)
-    monkeypatch.setattr(qonnx.stats, "_CHUNK", 777)
+    monkeypatch.setattr(qonnx.numerics.stats, "_CHUNK", 777)
     _assert_same(reference, _one_pass(batches))
     h = _one_pass(batches)
     bad = np.concatenate([np.ones(5000), [np.nan]])  # the NaN sits in the last chunk

@@ -15,8 +15,8 @@ import numpy as np
 import torch
 from torch import nn
 
+from qonnx.core.ir import Model
 from qonnx.errors import PreconditionError
-from qonnx.ir import Model
 from qonnx.qat.ops import OPS, batch_norm
 
 # Inputs of these ops that training may change (all float constants there).

@@ -8,11 +8,11 @@ import logging
 import numpy as np
 import torch
 
+from qonnx.core.ir import Model
+from qonnx.core.qtable import QuantState, Role
 from qonnx.errors import PreconditionError
-from qonnx.ir import Model
 from qonnx.qat.interpreter import GraphModule
 from qonnx.qat.quantizers import ActQuantizer, BiasQuantizer, WeightQuantizer
-from qonnx.qtable import QuantState, Role
 
 log = logging.getLogger(__name__)
 
@@ -100,7 +100,7 @@ class Student:
 def write_back(model: Model, student: Student) -> dict[str, int]:
     """Learned values into the IR: weights (as their dequantized codes), codes and step sizes (state ROUNDED),
     other trained parameters, activation step sizes (ties too), BatchNorm statistics; then int32 bias scales."""
-    from passes.calibrate import set_bias_params
+    from qonnx.passes.calibrate import set_bias_params
 
     tensors = model.tensors()
     table = model.quant

@@ -20,8 +20,8 @@ import math
 import torch
 from torch import nn
 
+from qonnx.numerics.quant import MIN_SCALE, QuantScheme
 from qonnx.qat.oscillations import OscillationTracker
-from qonnx.quant import MIN_SCALE, QuantScheme
 
 
 def round_ste(x: torch.Tensor) -> torch.Tensor:

@@ -7,7 +7,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from qonnx.modelio import write_bytes_atomic
+from qonnx.core.modelio import write_bytes_atomic
 
 PALETTE = [(31, 119, 180), (255, 127, 14), (44, 160, 44), (214, 39, 40), (148, 103, 189), (140, 86, 75),
            (227, 119, 194), (127, 127, 127), (188, 189, 34), (23, 190, 207)]

@@ -21,12 +21,12 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from qonnx.core.ir import Model
 from qonnx.errors import InputError, PreconditionError
-from qonnx.ir import Model
-from qonnx.ort import make_session, run_batches
 from qonnx.qat.model import Student, write_back
 from qonnx.qat.options import TrainConfig
 from qonnx.qat.oscillations import dampening_weight, freeze_threshold
+from qonnx.runtime.ort import make_session, run_batches
 
 log = logging.getLogger(__name__)
 LOSSES = ("auto", "ce", "kl", "mse")

@@ -1,0 +1,1 @@
+"""The application: the Python API, the command line, bench, attribution and the mixed-precision sweep."""

@@ -1,0 +1,184 @@
+"""The Python API: `qonnx.optimize(model, calibration, pipeline=...)`."""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import onnx
+
+from qonnx._version import __version__
+from qonnx.core.ir import Model, import_model, load_model
+from qonnx.core.modelio import save_model
+from qonnx.data.calibration import CalibrationSet, open_calibration
+from qonnx.errors import InputError
+from qonnx.export.qdq import FusionReport, export_qdq, fusion_report
+from qonnx.infra.manager import (
+    NumericVerifier,
+    PassContext,
+    PassManager,
+    PassRecord,
+    Reproducer,
+    StructuralVerifier,
+)
+from qonnx.infra.pipeline import Pipeline
+from qonnx.numerics.metrics import Fidelity
+from qonnx.runtime.ort import make_session
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class OptimizeResult:
+    model: onnx.ModelProto
+    ir: Model
+    pipeline: Pipeline
+    records: list[PassRecord]
+    fusion: FusionReport | None = None
+    fidelity: dict[str, Any] | None = None
+    size_before: int = 0
+    size_after: int = 0
+    notes: list[str] = field(default_factory=list)
+
+    def to_bytes(self) -> bytes:
+        return self.model.SerializeToString(deterministic=True)
+
+    def save(self, path: str | os.PathLike[str]) -> int:
+        return save_model(self.model, path)
+
+
+def _as_model(model: str | os.PathLike[str] | onnx.ModelProto | Model) -> Model:
+    if isinstance(model, Model):
+        return model.copy()
+    if isinstance(model, onnx.ModelProto):
+        fresh = onnx.ModelProto()
+        fresh.CopyFrom(model)
+        return import_model(fresh)
+    return load_model(model)
+
+
+EXPORT_FORMATS = ("qdq", "qop", "int-only")
+
+
+def _exporter(export_format: str):
+    if export_format == "qdq":
+        return export_qdq
+    if export_format == "qop":
+        from qonnx.export.qop import export_qop
+
+        return export_qop
+    if export_format == "int-only":
+        from qonnx.export.int_only import export_int_only
+
+        return export_int_only
+    raise InputError(f"unknown export format '{export_format}' (one of: {', '.join(EXPORT_FORMATS)})")
+
+
+def evaluate_fidelity(reference: bytes, candidate: bytes, data: CalibrationSet, batch_size: int = 8,
+                      threads: int | None = None) -> dict[str, Any]:
+    ref_sess = make_session(reference, threads)
+    cand_sess = make_session(candidate, threads)
+    fidelity = Fidelity()
+    for feed in data.batches(batch_size):
+        fidelity.update(ref_sess.run(None, feed)[0], cand_sess.run(None, feed)[0])
+    return fidelity.as_dict()
+
+
+def optimize(
+    model: str | os.PathLike[str] | onnx.ModelProto | Model,
+    calibration: Any = None,
+    *,
+    pipeline: str | Pipeline = "w8a8",
+    seed: int = 0,
+    holdout: int | None = None,
+    preprocess: str | None = None,
+    progress: bool = False,
+    verify: bool = True,
+    check_fusion: bool = True,
+    reproducer_dir: str | os.PathLike[str] | None = None,
+    threads: int | None = None,
+    export_format: str = "qdq",
+) -> OptimizeResult:
+    """Run a pipeline on a float model and export the quantized model (QDQ by default).
+
+    `export_format` is one of EXPORT_FORMATS: "qdq" (QuantizeLinear/DequantizeLinear
+    around float ops), "qop" (QLinear* operators) or "int-only" (integer ops with
+    dyadic requantization between the input quantize and the output dequantize).
+
+    `calibration` is an .npz path, a folder (per-sample .npy/.npz or images with
+    `preprocess`), a dict of arrays, or an iterable of feed dicts. `holdout`
+    samples from its tail are kept out of calibration and used to report
+    fidelity to the float model (default: 10%, at most 64).
+    """
+    exporter = _exporter(export_format)
+    ir = _as_model(model)
+    source_bytes = ir.to_bytes()
+    pipe = pipeline if isinstance(pipeline, Pipeline) else Pipeline.parse(pipeline)
+    calib = heldout = None
+    if calibration is not None:
+        full = open_calibration(calibration, ir, preprocess)
+        full.first_batch(1)  # fail on wrong names/shapes/dtypes now, not inside a pass
+        n_hold = holdout if holdout is not None else min(64, len(full) // 10)
+        calib, heldout = full.split(n_hold)
+    ctx = PassContext(calibration=calib, seed=seed, progress=progress, options={"threads": threads})
+    pipe.validate(ctx.available())
+    instruments = [StructuralVerifier(), NumericVerifier()] if verify else []
+    reproducer = Reproducer(reproducer_dir) if reproducer_dir else None
+    ir, records = PassManager(pipe, instruments, reproducer).run(ir, ctx)
+    ir.metadata.update({
+        "qonnx.version": __version__,
+        "qonnx.pipeline": pipe.canonical(),
+        "qonnx.seed": str(seed),
+    })
+    quantized = bool(ir.quant.tensors or ir.quant.dynamic or ir.quant.gathers)
+    proto = exporter(ir) if quantized else ir.to_onnx()
+    onnx.checker.check_model(proto)
+    result = OptimizeResult(model=proto, ir=ir, pipeline=pipe, records=records, size_before=len(source_bytes))
+    result.size_after = len(result.to_bytes())
+    inner = ir.subgraph_ops()
+    inner_layers = sum(inner.get(op, 0) for op in ("Conv", "Gemm", "MatMul", "LSTM", "GRU"))
+    if inner_layers:
+        result.notes.append(f"{inner_layers} compute layers inside If/Loop subgraphs stay float (passed through)")
+    if not ir.quant.layers and not ir.quant.dynamic and not ir.quant.gathers:
+        result.notes.append(_nothing_quantized_note(ir.quant.kept_float))
+    if check_fusion and quantized:
+        result.fusion = fusion_report(proto)
+        for op, name in result.fusion.float_layers:
+            reason = ir.quant.kept_float.get(name, "ORT did not fuse it into an integer kernel")
+            result.notes.append(f"{op} '{name}' runs in float: {reason}")
+    if heldout is not None:
+        result.fidelity = evaluate_fidelity(source_bytes, result.to_bytes(), heldout, threads=threads)
+    return result
+
+
+def _nothing_quantized_note(kept_float: dict[str, str]) -> str:
+    if not kept_float:
+        return "no layer of the main graph could be quantized: the output equals the float model"
+    reasons = Counter(kept_float.values())
+    why = "; ".join(f"{n} layer{'s' if n > 1 else ''}: {reason}" for reason, n in reasons.most_common())
+    return f"every layer was kept float, so the output equals the float model ({why})"
+
+
+def quantize_file(input_path: str | os.PathLike[str], output_path: str | os.PathLike[str], calibration: Any = None,
+                  **kwargs: Any) -> OptimizeResult:
+    """`optimize` from a file to a file, refusing to overwrite the input."""
+    src, dst = Path(input_path), Path(output_path)
+    if dst.exists() and src.exists() and dst.resolve() == src.resolve():
+        raise InputError(f"output '{dst}' is the input model: choose another path (the input is never overwritten)")
+    if calibration is not None and isinstance(calibration, (str, os.PathLike)) and dst.exists() \
+            and Path(calibration).exists() and dst.resolve() == Path(calibration).resolve():
+        raise InputError(f"output '{dst}' is the calibration data: choose another path")
+    parent = dst.parent if str(dst.parent) else Path(".")
+    if parent.exists() and not parent.is_dir():
+        raise InputError(f"output directory '{parent}' is not a directory")
+    if not parent.exists():
+        raise InputError(f"output directory '{parent}' does not exist")
+    if not os.access(parent, os.W_OK):
+        raise InputError(f"output directory '{parent}' is not writable")
+    result = optimize(src, calibration, **kwargs)
+    result.save(dst)
+    return result

@@ -1,0 +1,1 @@
+"""Calibration data: sources and readers (npz, folders, images, Python iterables) and synthetic images."""

@@ -1,0 +1,105 @@
+"""bias-correction: remove the output-mean shift that weight rounding causes.
+
+The quantized layer computes W~ x instead of W x; its expected output is off by
+(W~ - W) E[x]. Folding that into the bias (b <- b - (W~ - W) E[x]) makes the
+integer layer unbiased (Nagel et al. 2019, algorithms.md §3.1). E[x] is the
+per-channel mean of the layer's input over the calibration data, so the
+correction costs one streamed pass and O(channels) memory.
+
+`mode=analytic` needs no data (DFQ): E[x] comes from the per-channel Gaussian
+moments that estimate-ranges carries from the folded BatchNorm statistics
+through ReLU / clipped-ReLU expectations (qonnx/moments.py).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from qonnx.core.ir import Model
+from qonnx.core.layers import channel_response
+from qonnx.export.qdq import quantized_weight_codes
+from qonnx.infra.pipeline import Pass, PassResult, option, register
+from qonnx.numerics.quant import dequantize
+from qonnx.passes.calibrate import MEANS_ANALYSIS, collect_activation_stats, set_bias_params
+from qonnx.passes.estimate_ranges import MOMENTS_ANALYSIS, EstimateRanges, moments_for
+
+
+def channel_means(model: Model, names: list[str], ctx, batch_size: int = 8, samples: int = 0
+                  ) -> dict[str, np.ndarray]:
+    """Per-channel (axis 1) means of layer inputs; reuses calibration's pass over the data when cached."""
+    if not names:
+        return {}
+    cached = ctx.analyses.get(MEANS_ANALYSIS)
+    if cached is not None and cached[0] == (tuple(sorted(set(names))), samples):
+        return cached[1]
+    collect_activation_stats(model, [], ctx, batch_size, samples, names)
+    return ctx.analyses[MEANS_ANALYSIS][1]
+
+
+@dataclass(frozen=True)
+class BiasCorrectionOptions:
+    mode: str = option("empirical", "empirical: input means measured on calibration data; analytic: "
+                                    "expected from BatchNorm statistics (data-free)",
+                       choices=("empirical", "analytic"))
+    samples: int = option(0, "calibration samples used for the input means (0 = all)")
+    batch_size: int = option(8, "samples per ORT run")
+
+
+@register
+class BiasCorrection(Pass):
+    name = "bias-correction"
+    summary = "fold the mean output error of rounded weights into the bias (empirical, per layer)"
+    Options = BiasCorrectionOptions
+    requires = frozenset({"calibrated", "calibration-data"})
+    provides = frozenset({"bias-corrected"})
+    warned_after = {"rounded": "bias correction after AdaRound is redundant (AdaRound already reconstructs "
+                               "each layer's output, mean included); it runs because the pipeline asks for it"}
+    exact = False
+
+    def __init__(self, options=None):
+        super().__init__(options)
+        if self.options.mode == "analytic":
+            self.requires = frozenset({"calibrated"})
+
+    def _means(self, model: Model, ctx, names: list[str]) -> dict[str, np.ndarray]:
+        if self.options.mode == "empirical":
+            return channel_means(model, names, ctx, self.options.batch_size, self.options.samples)
+        cached = ctx.analyses.get(MOMENTS_ANALYSIS)
+        if cached is not None:
+            moments = cached[1]
+        else:  # ranges came from data: carry moments from the BN statistics with the default input range
+            defaults = EstimateRanges.Options()
+            moments = moments_for(model, ctx, tuple(defaults.input_range), defaults.width)
+        return {n: moments[n].mean for n in names if n in moments}
+
+    def run(self, model: Model, ctx) -> PassResult:
+        table, tensors = model.quant, model.tensors()
+        layers = [layer for layer in table.layers.values() if layer.bias and layer.weight]
+        nodes = {n.name: n for n in model.nodes}
+        means = self._means(model, ctx, sorted({layer.input for layer in layers}))
+        corrected, largest = 0, 0.0
+        for layer in layers:
+            w_entry = table.get(layer.weight)
+            w = model.constant_value(tensors[layer.weight])
+            codes = quantized_weight_codes(w_entry, w)  # rounded codes (AdaRound) or nearest rounding
+            approx = dequantize(codes, w_entry.scale, w_entry.zero_point, w_entry.scheme.axis)
+            mean = means.get(layer.input)
+            if mean is None:
+                continue
+            shift = channel_response(nodes[layer.node], (approx.astype(np.float64) - w), mean)
+            if shift is None:
+                continue
+            bias_t, b_entry = tensors[layer.bias], table.get(layer.bias)
+            bias = model.constant_value(bias_t).astype(np.float64)
+            previous = b_entry.correction if b_entry.correction is not None else np.zeros_like(bias)
+            if np.allclose(shift, previous, rtol=1e-5, atol=1e-7 * (1 + float(np.max(np.abs(bias))))):
+                continue  # already corrected for these weights and scales
+            bias_t.values = (bias + previous - shift).astype(model.constant_value(bias_t).dtype)
+            b_entry.correction = shift
+            corrected += 1
+            largest = max(largest, float(np.max(np.abs(shift))))
+        set_bias_params(model)
+        return PassResult(model, corrected > 0, {"layers_corrected": corrected, "largest_shift": largest,
+                                                 "mode": self.options.mode})

@@ -1,0 +1,1 @@
+"""Operations on the quant table that several passes share: planning and re-planning, parameters."""
