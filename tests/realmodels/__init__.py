@@ -1,0 +1,1 @@
+"""The real-model slice (marked realmodel)."""
