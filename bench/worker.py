@@ -61,6 +61,10 @@ def main(spec_path: str) -> int:
     job = run_qonnx if spec["kind"] == "qonnx" else run_ort
     if spec["kind"] == "qonnx":
         import qonnx  # noqa: F401  (imports before the clock and the baseline RSS)
+        from qonnx.runtime.ort import bound_heap_growth, quiet_ort_logging
+
+        quiet_ort_logging()
+        bound_heap_growth()  # what the qonnx command does at start-up
     else:
         import ort_baselines  # noqa: F401
     baseline = _rss_mb("VmRSS")

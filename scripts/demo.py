@@ -13,11 +13,13 @@ import qonnx  # noqa: E402
 from models._common import cache_dir  # noqa: E402
 from models.tasks import TASKS  # noqa: E402
 from qonnx.data.calibration import open_calibration  # noqa: E402
-from qonnx.runtime.ort import latency_session, measure_latency  # noqa: E402
+from qonnx.runtime.ort import bound_heap_growth, latency_session, measure_latency, quiet_ort_logging  # noqa: E402
 
 
 def main(task_name: str) -> None:
     logging.basicConfig(level=logging.WARNING)
+    quiet_ort_logging()
+    bound_heap_growth()  # what the qonnx command does at start-up
     task = TASKS[task_name]
     folder = cache_dir() / task_name
     fp32, out = folder / "model.onnx", folder / "model.qonnx-w8a8.onnx"

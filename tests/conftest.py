@@ -47,7 +47,7 @@ def calib_file(tmp_path) -> Callable[..., Path]:
 
 @pytest.fixture
 def ctx():
-    from qonnx.infra.manager import PassContext
+    from qonnx.infra.context import PassContext
 
     return PassContext(seed=0)
 
@@ -63,7 +63,7 @@ def timing_independent_default(monkeypatch, request):
     """
     if request.node.get_closest_marker("realmodel") or "test_pipeline" in request.node.nodeid:
         return
-    from qonnx.infra.pipeline import PRESETS
+    from qonnx.passes import PRESETS
 
     monkeypatch.setitem(PRESETS, "w8a8", PRESETS["w8a8-static"])
 

@@ -9,7 +9,7 @@ shared weights). Choices are PRECISIONS: int4 or int8 weights on the plan's grid
   element when float. Biases, activation parameters and the graph are the same for every choice.
 - bops: multiply-accumulates per sample x weight bits x activation bits (32 for float operands).
   MACs come from the layer's shapes on one calibration sample (static shapes without data).
-- latency: a microbenchmark per layer and choice, in ORT on this machine (see `measure_latency_costs`).
+- latency: a microbenchmark per layer and choice, in ORT on this machine (qonnx.export.micro).
 """
 
 from __future__ import annotations
@@ -19,14 +19,14 @@ import logging
 from dataclasses import dataclass, field
 
 import numpy as np
-import onnx
 
 from qonnx.core.ir import Model
-from qonnx.core.qtable import LayerQuant, QuantState, Role, TensorQuant
+from qonnx.core.ops import nbits_applies
+from qonnx.core.qtable import LayerQuant, Role, TensorQuant
 from qonnx.errors import PreconditionError
-from qonnx.export.lowbit import nbits_applies
-from qonnx.numerics.quant import INT32_BIAS, UINT8_ACT, QuantScheme, scale_zero_point
-from qonnx.numerics.weight_ranges import weight_range
+from qonnx.infra.context import Analysis
+from qonnx.numerics.quant import QuantScheme
+from qonnx.runtime.ort import stream_tensors
 
 log = logging.getLogger(__name__)
 
@@ -121,11 +121,9 @@ def layer_shapes(model: Model, ctx) -> dict[str, tuple[tuple[int, ...], tuple[in
     names = sorted({t.name for n in layers for t in (n.inputs[0], n.outputs[0])})
     shapes: dict[str, tuple[int, ...]] = {}
     if ctx is not None and ctx.calibration is not None:
-        from qonnx.runtime.ort import stream_tensors
-
         feed = ctx.calibration.first_batch(1)
         batch = int(next(iter(feed.values())).shape[0]) if next(iter(feed.values())).ndim else 1
-        for _, values in stream_tensors(model.to_onnx(), names, [feed], ctx.options.get("threads")):
+        for _, values in stream_tensors(model.to_onnx(), names, [feed], ctx.threads):
             shapes = {n: _per_sample(v.shape, batch) for n, v in values.items()}
     else:
         for n in layers:
@@ -157,8 +155,8 @@ def layer_macs(op: str, weight_shape: tuple[int, ...], out_shape: tuple[int, ...
 
 # ------------------------------------------------------------------------------------------ table
 @dataclass
-class CostTable:
-    """Per unit and precision costs, with the unit order of `units`."""
+class CostTable(Analysis):
+    """Per unit and precision costs, with the unit order of `units` (cached for the mixed-precision pass)."""
 
     units: list[Unit]
     macs: np.ndarray  # [U] per sample
@@ -176,7 +174,7 @@ class CostTable:
 
 
 def compute_costs(model: Model, ctx, units: list[Unit] | None = None) -> CostTable:
-    """Size and BOPs for every unit and precision (latency: `measure_latency_costs`)."""
+    """Size and BOPs for every unit and precision (latency: qonnx.export.micro.measure_latency_costs)."""
     units = find_units(model) if units is None else units
     shapes = layer_shapes(model, ctx)
     nodes = {n.name: n for n in model.nodes}
@@ -193,94 +191,3 @@ def compute_costs(model: Model, ctx, units: list[Unit] | None = None) -> CostTab
             act_bits = 8 if unit.activations_quantized and precision != "float" else 32
             bops[i, k] = float(macs[i]) * WEIGHT_BITS[precision] * act_bits
     return CostTable(units, macs, size, bops, shapes=shapes)
-
-
-# ------------------------------------------------------------------------------------------ latency
-def _micro_model(model: Model, node, unit: Unit, in_shape: tuple[int, ...], precision: str) -> bytes:
-    """The layer alone with uint8 input and output (int8 plans) or float ones (weight-only plans).
-
-    With quantized activations the input arrives as uint8 through an explicit DequantizeLinear and
-    the output leaves through the exporter's QuantizeLinear/DequantizeLinear, so ORT sees the same
-    pattern as inside the exported model: a QLinearConv (int8), DQ -> float op -> Q (float island),
-    or whatever it makes of int4 weights. The trailing DequantizeLinear is common to every choice.
-    """
-    w = model.constant_value(node.inputs[1])
-    inits = [onnx.numpy_helper.from_array(w, "w")]
-    inputs = ["x", "w"]
-    bias = model.constant_value(node.inputs[2]) if len(node.inputs) > 2 and node.inputs[2].name else None
-    if bias is not None:
-        inits.append(onnx.numpy_helper.from_array(bias, "b"))
-        inputs.append("b")
-    nodes = []
-    act_scale = np.float32(0.05)
-    if unit.activations_quantized:
-        graph_in = onnx.helper.make_tensor_value_info("xq", onnx.TensorProto.UINT8, list(in_shape))
-        inits += [onnx.numpy_helper.from_array(np.array(act_scale), "xs"),
-                  onnx.numpy_helper.from_array(np.array(128, np.uint8), "xz")]
-        nodes.append(onnx.helper.make_node("DequantizeLinear", ["xq", "xs", "xz"], ["x"], name="input_dq"))
-    else:
-        graph_in = onnx.helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, list(in_shape))
-    nodes.append(onnx.helper.make_node(node.op, inputs, ["y"], name="layer", **dict(node.attrs)))
-    graph = onnx.helper.make_graph(nodes, "micro", [graph_in],
-                                   [onnx.helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, None)], inits)
-    proto = onnx.helper.make_model(graph, opset_imports=[onnx.helper.make_opsetid("", model.opset)])
-    micro = Model.from_onnx(proto)
-    scheme = unit.scheme_at(precision)
-    if scheme is not None:
-        rmin, rmax = weight_range(w, scheme, "minmax")
-        s_w, z_w = scale_zero_point(rmin, rmax, scheme)
-        micro.quant.set("w", TensorQuant(Role.WEIGHT, scheme, s_w, z_w, QuantState.CALIBRATED))
-        if unit.activations_quantized and bias is not None:
-            s_b = (act_scale * np.asarray(s_w, np.float32)).astype(np.float32).reshape(-1)
-            micro.quant.set("b", TensorQuant(Role.BIAS, INT32_BIAS, s_b, np.zeros(s_b.shape, np.int64),
-                                             QuantState.CALIBRATED, bias_of=("x", "w")))
-        micro.quant.layers["layer"] = LayerQuant("layer", node.op, "x", "w", "b" if bias is not None else None, "y")
-    if unit.activations_quantized:
-        s_y, z_y = scale_zero_point(-4.0, 4.0, UINT8_ACT)
-        micro.quant.set("y", TensorQuant(Role.ACTIVATION, UINT8_ACT, s_y, z_y, QuantState.CALIBRATED))
-    if not micro.quant.tensors:
-        return proto.SerializeToString()
-    from qonnx.export.qdq import export_qdq
-
-    return export_qdq(micro).SerializeToString()
-
-
-def measure_latency_costs(model: Model, ctx, table: CostTable, precisions: tuple[str, ...] = PRECISIONS,
-                          runs: int = 20) -> np.ndarray:
-    """Median milliseconds of each unit's layers at each precision, one microbenchmark per layer.
-
-    Why a microbenchmark and not per-layer profiling of whole models: profiling needs one exported
-    model per precision and a mapping from ORT's fused nodes back to ours, and it measures each layer
-    only in the neighbourhood of that one configuration. A layer alone, with the Q/DQ around it that
-    the exporter writes, measures exactly the choice being made. The precisions of one layer run
-    interleaved (machine noise hits them alike); batch 1, one thread unless the context sets threads.
-    What it leaves out: transitions between neighbouring float and integer layers beyond the layer's own
-    Q/DQ, and cache effects between layers, so totals are approximations of whole-model latency.
-    """
-    from tqdm import tqdm
-
-    from qonnx.runtime.ort import latency_session
-    from qonnx.runtime.ort import measure_latency as run_interleaved
-
-    shapes = table.shapes or layer_shapes(model, ctx)
-    nodes = {n.name: n for n in model.nodes}
-    threads = ctx.options.get("threads") if ctx is not None else None
-    rng = ctx.rng("latency") if ctx is not None else np.random.default_rng(0)
-    latency = np.full((len(table.units), len(PRECISIONS)), np.nan)
-    latency[:, [PRECISIONS.index(p) for p in precisions]] = 0.0
-    progress = bool(ctx is not None and ctx.progress)
-    for i, unit in enumerate(tqdm(table.units, desc="latency", unit="layer", disable=not progress, leave=False)):
-        for name in unit.nodes:
-            in_shape = shapes[name][0]
-            sessions = [latency_session(_micro_model(model, nodes[name], unit, in_shape, p), threads=threads or 1)
-                        for p in precisions]
-            feed_name = sessions[0].get_inputs()[0].name
-            if unit.activations_quantized:
-                x = rng.integers(0, 256, size=in_shape, dtype=np.uint8)
-            else:
-                x = rng.standard_normal(in_shape).astype(np.float32)
-            timings = run_interleaved(sessions, {feed_name: x}, warmup=3, runs=runs)
-            for p, t in zip(precisions, timings):
-                latency[i, PRECISIONS.index(p)] += t.median_ms
-    table.latency = latency
-    return latency

@@ -26,6 +26,7 @@ from scipy.special import ndtr
 from qonnx.core.ir import Model
 from qonnx.core.layers import channel_response
 from qonnx.errors import PreconditionError
+from qonnx.infra.context import Analysis, PassContext
 
 _SQRT_2PI = float(np.sqrt(2 * np.pi))
 
@@ -284,3 +285,27 @@ def checked_input_range(owner: str, raw: tuple[float, ...]) -> tuple[float, floa
 
 def propagate_moments(model: Model, input_range: tuple[float, float], width: float = 4.0) -> dict[str, Moments]:
     return MomentPropagator(model, input_range, width).run()
+
+# The data-free defaults: images normalized to [-1, 1], ranges of mean +- 8 standard deviations.
+DEFAULT_INPUT_RANGE = (-1.0, 1.0)
+DEFAULT_WIDTH = 8.0
+
+
+@dataclass
+class PropagatedMoments(Analysis):
+    """Per-channel Gaussian moments of every tensor the propagation reaches, for one input range and width."""
+
+    input_range: tuple[float, float]
+    width: float
+    moments: dict[str, Moments]
+
+
+def moments_for(model: Model, ctx: PassContext, input_range: tuple[float, float], width: float
+                ) -> dict[str, Moments]:
+    """The propagated moments, cached in the context (analytic bias correction reuses them)."""
+    cached = ctx.analyses.get(PropagatedMoments)
+    if cached is not None and (cached.input_range, cached.width) == (tuple(input_range), width):
+        return cached.moments
+    moments = propagate_moments(model, input_range, width)
+    ctx.analyses.put(PropagatedMoments(tuple(input_range), width, moments))  # type: ignore[arg-type]
+    return moments

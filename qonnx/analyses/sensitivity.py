@@ -8,7 +8,7 @@ or the normalized MSE for outputs that are not class scores. Two estimators:
 - measured: Omega_i(b) = L(W_i = Q_b(W_i)), one forward pass per unit and bit width; it includes the
   real rounding pattern of the range method that calibrate will use.
 - hessian: HAWQ-V2's Omega_i(b) = 1/2 Tr(H_i)/n_i ||Q_b(W_i) - W_i||^2, with Tr(H_i) by Hutchinson
-  (Rademacher probes, central second differences of L, `qonnx.hessian`). The 1/2 makes it the
+  (Rademacher probes, central second differences of L, `qonnx.numerics.hessian`). The 1/2 makes it the
   second-order Taylor estimate of L, in the same units as `measured`. The probe step is eps_factor x
   the per-channel 4-bit quantization step, checked by halving on a few probes; the standard error and
   the step ratio are reported per layer.
@@ -32,18 +32,20 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import onnx
+from tqdm import tqdm
 
 from qonnx.analyses.costs import PRECISIONS, Unit, find_units
 from qonnx.core.ir import Model
+from qonnx.core.modelio import write_bytes_atomic
 from qonnx.errors import InputError, PreconditionError
+from qonnx.infra.context import Analysis, PassContext
 from qonnx.numerics.hessian import hutchinson_trace, kl_divergence
 from qonnx.numerics.quant import expand_blocked, fake_quantize, scale_zero_point
 from qonnx.numerics.weight_ranges import WEIGHT_METHODS, weight_range
+from qonnx.runtime.probe import UnitProbe
 
 log = logging.getLogger(__name__)
 
-SENSITIVITY_ANALYSIS = "mixed-precision-sensitivity"
 OBJECTIVES = ("measured", "hessian")
 LOSSES = ("auto", "kl", "mse")
 FORMAT_VERSION = 1
@@ -91,7 +93,9 @@ class LayerSensitivity:
 
 
 @dataclass
-class SensitivityReport:
+class SensitivityReport(Analysis):
+    """Per-layer sensitivities (cached for the mixed-precision pass; saved as JSON with `write_report`)."""
+
     settings: SensitivitySettings
     target: str  # the tensor the loss compares
     loss: str  # kl or mse
@@ -150,85 +154,6 @@ def divergence(kind: str, reference: np.ndarray, output: np.ndarray) -> float:
         return kl_divergence(reference, output, axis=-1)
     ref = reference.astype(np.float64)
     return float(np.mean((output.astype(np.float64) - ref) ** 2) / max(float(np.mean(ref * ref)), 1e-30))
-
-
-# ------------------------------------------------------------------------------------------ sessions
-def _node_reads(node: onnx.NodeProto) -> list[str]:
-    """A node's inputs and the outer names its subgraphs read (conservatively: all inner inputs)."""
-    names = [n for n in node.input if n]
-    for attr in node.attribute:
-        for g in ([attr.g] if attr.type == onnx.AttributeProto.GRAPH else list(attr.graphs)):
-            for inner in g.node:
-                names.extend(_node_reads(inner))
-    return names
-
-
-def _value_types(proto: onnx.ModelProto) -> dict[str, int]:
-    g = proto.graph
-    types = {v.name: v.type.tensor_type.elem_type for v in [*g.value_info, *g.input, *g.output]}
-    return {k: v for k, v in types.items() if v}
-
-
-class UnitProbe:
-    """Runs the part of the model downstream of one weight, with that weight as a graph input."""
-
-    def __init__(self, proto: onnx.ModelProto, weight: str, target: str, feeds: list[dict[str, np.ndarray]],
-                 threads: int | None = None):
-        from qonnx.runtime.ort import make_session
-
-        self.weight = weight
-        changed, downstream = {weight}, []
-        for node in proto.graph.node:
-            if changed.intersection(_node_reads(node)):
-                downstream.append(node)
-                changed.update(o for o in node.output if o)
-        self.affects_output = target in changed
-        self.feeds = feeds
-        if not self.affects_output:
-            return
-        initializers = {i.name: i for i in proto.graph.initializer}
-        needed = list(dict.fromkeys(n for node in downstream for n in _node_reads(node)))
-        self.cut = [n for n in needed if n not in changed and n not in initializers]
-        self.cut_values = self._cut_values(proto, feeds, threads)
-        suffix = onnx.ModelProto()
-        suffix.CopyFrom(proto)
-        g = suffix.graph
-        del g.node[:], g.input[:], g.output[:], g.initializer[:], g.value_info[:]
-        g.node.extend(downstream)
-        w = initializers[weight]
-        g.input.append(onnx.helper.make_tensor_value_info(weight, w.data_type, list(w.dims)))
-        for name in self.cut:
-            dtype = onnx.helper.np_dtype_to_tensor_dtype(self.cut_values[0][name].dtype)
-            g.input.append(onnx.helper.make_tensor_value_info(name, dtype, None))
-        g.initializer.extend(initializers[n] for n in needed if n in initializers and n != weight)
-        g.output.append(onnx.helper.make_tensor_value_info(target, onnx.TensorProto.FLOAT, None))
-        self.target = target
-        self.session = make_session(suffix.SerializeToString(), threads=threads, spinning=False)
-
-    def _cut_values(self, proto: onnx.ModelProto, feeds: list[dict[str, np.ndarray]],
-                    threads: int | None) -> list[dict[str, np.ndarray]]:
-        from qonnx.runtime.ort import make_session, truncated
-
-        graph_inputs = {i.name for i in proto.graph.input}
-        inner = [n for n in self.cut if n not in graph_inputs]
-        session = None
-        if inner:
-            prefix = truncated(proto, inner)
-            types = _value_types(proto)
-            for out in prefix.graph.output:  # truncated() declares float outputs; keep the real types
-                out.type.tensor_type.elem_type = types.get(out.name, onnx.TensorProto.FLOAT)
-            session = make_session(prefix.SerializeToString(), threads=threads, spinning=False)
-        values = []
-        for feed in feeds:
-            row = dict(zip(inner, session.run(inner, feed))) if session is not None else {}
-            row.update({n: feed[n] for n in self.cut if n in graph_inputs})
-            values.append(row)
-        return values
-
-    def run(self, weight: np.ndarray) -> np.ndarray:
-        """The target tensor over all samples (concatenated on the leading axis) with this weight."""
-        outs = [self.session.run([self.target], {**cut, self.weight: weight})[0] for cut in self.cut_values]
-        return np.concatenate(outs, axis=0)
 
 
 # ------------------------------------------------------------------------------------------ estimators
@@ -318,16 +243,12 @@ def _read_cache(path: Path, fingerprint: str) -> SensitivityReport | None:
 
 
 def write_report(report: SensitivityReport, path: str | Path) -> None:
-    from qonnx.core.modelio import write_bytes_atomic
-
     write_bytes_atomic(json.dumps(report.to_json(), indent=1).encode(), Path(path))
 
 
-def analyze_sensitivity(model: Model, ctx, settings: SensitivitySettings, units: list[Unit] | None = None,
+def analyze_sensitivity(model: Model, ctx: PassContext, settings: SensitivitySettings, units: list[Unit] | None = None,
                         cache_file: str | Path | None = None) -> SensitivityReport:
     """Omega per unit and precision, from the context's cache, the JSON file, or computed (and saved)."""
-    from tqdm import tqdm
-
     if ctx.calibration is None:
         raise PreconditionError("sensitivity analysis needs calibration data")
     # The seed draws the Hutchinson probes; measured sensitivities do not depend on it.
@@ -338,7 +259,7 @@ def analyze_sensitivity(model: Model, ctx, settings: SensitivitySettings, units:
     feeds = list(ctx.calibration.head(settings.samples).batches(settings.batch_size))
     target, kind = loss_target(model, settings.loss)
     fingerprint = _fingerprint(model, units, settings, target, kind, feeds)
-    cached = ctx.analyses.get(SENSITIVITY_ANALYSIS)
+    cached = ctx.analyses.get(SensitivityReport)
     if cached is not None and cached.fingerprint == fingerprint:
         return cached
     report = _read_cache(Path(cache_file), fingerprint) if cache_file else None
@@ -347,7 +268,7 @@ def analyze_sensitivity(model: Model, ctx, settings: SensitivitySettings, units:
         model.toposort()
         proto = model.to_onnx()
         tensors = model.tensors()
-        threads = ctx.options.get("threads")
+        threads = ctx.threads
         layers, warnings = [], []
         desc = f"sensitivity ({settings.objective})"
         for unit in tqdm(units, desc=desc, unit="layer", disable=not ctx.progress, leave=False):
@@ -372,5 +293,5 @@ def analyze_sensitivity(model: Model, ctx, settings: SensitivitySettings, units:
         log.info("sensitivity (%s) of %d layers in %.1fs", settings.objective, len(layers), report.seconds)
         if cache_file:
             write_report(report, cache_file)
-    ctx.analyses[SENSITIVITY_ANALYSIS] = report
+    ctx.analyses.put(report)
     return report

@@ -16,17 +16,14 @@ from qonnx.core.ir import Model, import_model, load_model
 from qonnx.core.modelio import save_model
 from qonnx.data.calibration import CalibrationSet, open_calibration
 from qonnx.errors import InputError
-from qonnx.export.qdq import FusionReport, export_qdq, fusion_report
-from qonnx.infra.manager import (
-    NumericVerifier,
-    PassContext,
-    PassManager,
-    PassRecord,
-    Reproducer,
-    StructuralVerifier,
-)
+from qonnx.export import EXPORTERS, Exporter
+from qonnx.infra.context import PassContext
+from qonnx.infra.instruments import NumericVerifier, PassRecord, Reproducer, StructuralVerifier
+from qonnx.infra.manager import PassManager
 from qonnx.infra.pipeline import Pipeline
 from qonnx.numerics.metrics import Fidelity
+from qonnx.passes import parse_pipeline
+from qonnx.runtime.fusion import FusionReport, fusion_report
 from qonnx.runtime.ort import make_session
 
 log = logging.getLogger(__name__)
@@ -61,21 +58,10 @@ def _as_model(model: str | os.PathLike[str] | onnx.ModelProto | Model) -> Model:
     return load_model(model)
 
 
-EXPORT_FORMATS = ("qdq", "qop", "int-only")
-
-
-def _exporter(export_format: str):
-    if export_format == "qdq":
-        return export_qdq
-    if export_format == "qop":
-        from qonnx.export.qop import export_qop
-
-        return export_qop
-    if export_format == "int-only":
-        from qonnx.export.int_only import export_int_only
-
-        return export_int_only
-    raise InputError(f"unknown export format '{export_format}' (one of: {', '.join(EXPORT_FORMATS)})")
+def _exporter(export_format: str) -> Exporter:
+    if export_format not in EXPORTERS:
+        raise InputError(f"unknown export format '{export_format}' (one of: {', '.join(EXPORTERS)})")
+    return EXPORTERS[export_format]
 
 
 def evaluate_fidelity(reference: bytes, candidate: bytes, data: CalibrationSet, batch_size: int = 8,
@@ -105,7 +91,7 @@ def optimize(
 ) -> OptimizeResult:
     """Run a pipeline on a float model and export the quantized model (QDQ by default).
 
-    `export_format` is one of EXPORT_FORMATS: "qdq" (QuantizeLinear/DequantizeLinear
+    `export_format` is a key of qonnx.export.EXPORTERS: "qdq" (QuantizeLinear/DequantizeLinear
     around float ops), "qop" (QLinear* operators) or "int-only" (integer ops with
     dyadic requantization between the input quantize and the output dequantize).
 
@@ -117,14 +103,14 @@ def optimize(
     exporter = _exporter(export_format)
     ir = _as_model(model)
     source_bytes = ir.to_bytes()
-    pipe = pipeline if isinstance(pipeline, Pipeline) else Pipeline.parse(pipeline)
+    pipe = pipeline if isinstance(pipeline, Pipeline) else parse_pipeline(pipeline)
     calib = heldout = None
     if calibration is not None:
         full = open_calibration(calibration, ir, preprocess)
         full.first_batch(1)  # fail on wrong names/shapes/dtypes now, not inside a pass
         n_hold = holdout if holdout is not None else min(64, len(full) // 10)
         calib, heldout = full.split(n_hold)
-    ctx = PassContext(calibration=calib, seed=seed, progress=progress, options={"threads": threads})
+    ctx = PassContext(calibration=calib, seed=seed, threads=threads, progress=progress)
     pipe.validate(ctx.available())
     instruments = [StructuralVerifier(), NumericVerifier()] if verify else []
     reproducer = Reproducer(reproducer_dir) if reproducer_dir else None

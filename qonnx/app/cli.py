@@ -11,6 +11,7 @@ from pathlib import Path
 import click
 
 from qonnx.errors import QonnxError
+from qonnx.export import EXPORTERS
 
 
 def _setup_logging(verbose: int) -> None:
@@ -32,6 +33,11 @@ def _size(n: int) -> str:
 @click.version_option(package_name="qonnx-opt", prog_name="qonnx")
 def main() -> None:
     """qonnx: post-training quantization of ONNX models for ONNX Runtime."""
+    from qonnx.runtime.ort import bound_heap_growth, quiet_ort_logging
+
+    # Process-wide settings belong to the application, not to library imports.
+    quiet_ort_logging()
+    bound_heap_growth()
 
 
 @main.command()
@@ -46,7 +52,7 @@ def main() -> None:
 @click.option("--data-free", is_flag=True, help="Quantize with no calibration data (preset dfq; ranges from "
               "BatchNorm statistics). Set the input range with --passes '...estimate-ranges{input_range=[lo;hi]}' "
               "(and the same on cle{statistics=moments} for dfq-pertensor's pipeline).")
-@click.option("--format", "fmt", type=click.Choice(["qdq", "qop", "int-only"]), default="qdq", show_default=True,
+@click.option("--format", "fmt", type=click.Choice(list(EXPORTERS)), default="qdq", show_default=True,
               help="qdq: Q/DQ around float ops; qop: QLinear* operators; int-only: integer ops with dyadic "
                    "requantization (check it with `qonnx inspect --integer-check`).")
 @click.option("--seed", type=int, default=0, show_default=True)
@@ -60,7 +66,7 @@ def optimize(model: Path, output: Path, calib_data: Path | None, preprocess: str
     _setup_logging(verbose)
     from qonnx.app.api import quantize_file
     from qonnx.errors import InputError
-    from qonnx.infra.pipeline import resolve
+    from qonnx.passes import resolve
 
     try:
         if data_free and (calib_data is not None or preset):
@@ -115,7 +121,7 @@ def optimize(model: Path, output: Path, calib_data: Path | None, preprocess: str
 @click.option("--freeze", type=float, help="Initial freezing threshold (0 = off).")
 @click.option("--checkpoint", type=click.Path(dir_okay=False, path_type=Path), help="Checkpoint file (resumed if present).")
 @click.option("--report", type=click.Path(file_okay=False, path_type=Path), help="Folder for the oscillation report.")
-@click.option("--format", "fmt", type=click.Choice(["qdq", "qop", "int-only"]), default="qdq", show_default=True)
+@click.option("--format", "fmt", type=click.Choice(list(EXPORTERS)), default="qdq", show_default=True)
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("-v", "--verbose", count=True)
 def finetune(model: Path, output: Path, calib_data: Path, preset: str | None, passes_text: str | None,
@@ -126,7 +132,8 @@ def finetune(model: Path, output: Path, calib_data: Path, preset: str | None, pa
     """Quantization-aware fine-tuning of MODEL (needs the qat extra: pip install qonnx-opt[qat])."""
     _setup_logging(verbose)
     from qonnx.app.api import quantize_file
-    from qonnx.infra.pipeline import registry, resolve
+    from qonnx.infra.pipeline import Pipeline
+    from qonnx.passes import REGISTRY, resolve
 
     overrides = {k: v for k, v in {
         "train_data": None if train_data is None else str(train_data), "steps": steps, "batch_size": batch_size,
@@ -136,7 +143,7 @@ def finetune(model: Path, output: Path, calib_data: Path, preset: str | None, pa
     try:
         pipeline = resolve(preset or (None if passes_text else "w4a8-qat"), passes_text)
         if not any(p.name == "qat" for p in pipeline):
-            pipeline.passes.append(registry()["qat"]())
+            pipeline = Pipeline([*pipeline, REGISTRY["qat"]()])
         for p in pipeline:
             if p.name == "qat":
                 p.options = dataclasses.replace(p.options, **overrides)
@@ -156,9 +163,9 @@ def finetune(model: Path, output: Path, calib_data: Path, preset: str | None, pa
 @main.command("passes")
 def list_passes() -> None:
     """List passes, their options and the presets."""
-    from qonnx.infra.pipeline import PRESETS, registry
+    from qonnx.passes import PRESETS, REGISTRY
 
-    for name, cls in registry().items():
+    for name, cls in REGISTRY.items():
         click.echo(f"{name}: {cls.summary}")
         for f in dataclasses.fields(cls.Options):
             choices = f.metadata.get("choices")
@@ -217,7 +224,7 @@ def attribute(model: Path, calib_data: Path, preprocess: str | None, preset: str
     from qonnx.app.api import optimize
     from qonnx.app.attribution import attribute_errors, format_attribution
     from qonnx.data.calibration import open_calibration
-    from qonnx.infra.pipeline import resolve
+    from qonnx.passes import resolve
 
     try:
         result = optimize(model, calib_data, pipeline=resolve(preset, passes_text), holdout=holdout,
@@ -258,7 +265,7 @@ def inspect(model: Path, integer_check: bool, data: Path | None, samples: int, j
         proto = read_model_proto(model)
         ops = Counter(n.op_type for n in proto.graph.node)
         click.echo("operators: " + ", ".join(f"{v} {k}" for k, v in sorted(ops.items())))
-        from qonnx.export.qdq import fusion_report
+        from qonnx.runtime.fusion import fusion_report
 
         click.echo(fusion_report(proto).describe())
         report = None

@@ -18,8 +18,20 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from PIL import Image, ImageDraw
 
+from qonnx.analyses.costs import PRECISIONS, CostTable
+from qonnx.analyses.sensitivity import SensitivityReport
+from qonnx.app.api import evaluate_fidelity
+from qonnx.core.ir import load_model
+from qonnx.data.calibration import open_calibration
 from qonnx.errors import InputError
+from qonnx.export.qdq import export_qdq
+from qonnx.infra.context import PassContext
+from qonnx.infra.instruments import StructuralVerifier
+from qonnx.infra.manager import PassManager
+from qonnx.infra.pipeline import Pipeline
+from qonnx.passes import MixedPrecision, parse_pipeline
 
 log = logging.getLogger(__name__)
 
@@ -27,10 +39,8 @@ DEFAULT_PIPELINE = "canonicalize,fold-bn,plan,mixed-precision,calibrate{weights=
 DEFAULT_FRACTIONS = (0.0, 0.125, 0.25, 0.375, 0.5, 0.625, 0.75, 0.875, 1.0)
 
 
-def layer_table(report, costs, precisions: tuple[str, ...]) -> list[dict[str, Any]]:
+def layer_table(report: SensitivityReport, costs: CostTable, precisions: tuple[str, ...]) -> list[dict[str, Any]]:
     """One row per unit: sensitivities, trace statistics and costs."""
-    from qonnx.analyses.costs import PRECISIONS
-
     by_weight = {layer.weight: layer for layer in report.layers}
     rows = []
     for i, unit in enumerate(costs.units):
@@ -52,43 +62,37 @@ def pareto_sweep(model: str | Path, calibration: Any, *, pipeline: str = DEFAULT
                  holdout: int = 32, seed: int = 0, preprocess: str | None = None, progress: bool = False,
                  cache_file: str | Path | None = None, threads: int | None = None) -> dict[str, Any]:
     """Sweep the size budget of the pipeline's mixed-precision pass; returns the layers and the points."""
-    from qonnx.analyses.costs import COSTS_ANALYSIS
-    from qonnx.analyses.sensitivity import SENSITIVITY_ANALYSIS
-    from qonnx.app.api import evaluate_fidelity
-    from qonnx.core.ir import load_model
-    from qonnx.data.calibration import open_calibration
-    from qonnx.export.qdq import export_qdq
-    from qonnx.infra.manager import PassContext, PassManager, StructuralVerifier
-    from qonnx.infra.pipeline import Pipeline
-    from qonnx.passes.mixed_precision import MixedPrecision
-
     ir = load_model(model)
     float_bytes = ir.to_bytes()
     calib, heldout = open_calibration(calibration, ir, preprocess).split(holdout)
     if heldout is None:
         raise InputError(f"{calibration}: too few samples to hold {holdout} out for the fidelity measurement")
-    pipe = Pipeline.parse(pipeline)
+    pipe = parse_pipeline(pipeline)
     where = [i for i, p in enumerate(pipe) if isinstance(p, MixedPrecision)]
     if len(where) != 1:
         raise InputError(f"the sweep needs exactly one mixed-precision pass in the pipeline, got {len(where)}: {pipe}")
-    mp: MixedPrecision = pipe.passes[where[0]]
+    mp = pipe.passes[where[0]]
     base_opts = dataclasses.replace(mp.options, size="0", bops="", latency="", relative_to="int4-int8",
                                     cache=str(cache_file) if cache_file else mp.options.cache,
                                     **({"objective": objective} if objective else {}))
-    ctx = PassContext(calibration=calib, seed=seed, progress=progress, options={"threads": threads})
-    prefix, tail = Pipeline(pipe.passes[:where[0]]), pipe.passes[where[0] + 1:]
+    ctx = PassContext(calibration=calib, seed=seed, threads=threads, progress=progress)
+    prefix, tail = Pipeline(pipe.passes[:where[0]]), Pipeline(pipe.passes[where[0] + 1:])
     pipe.validate(ctx.available())
     base, _ = PassManager(prefix, [StructuralVerifier()]).run(ir, ctx)
-    kept: dict[str, Any] = {}
+    report: SensitivityReport | None = None
+    costs: CostTable | None = None
     points = []
     for fraction in fractions:
-        ctx.analyses.update(kept)  # sensitivities and costs of the first point serve every point
+        for analysis in (report, costs):  # sensitivities and costs of the first point serve every point
+            if analysis is not None:
+                ctx.analyses.put(analysis)
         opts = dataclasses.replace(base_opts, size=repr(float(fraction)))
         candidate = base.copy()
         stats = MixedPrecision(opts).run(candidate, ctx).stats
-        kept = {k: ctx.analyses[k] for k in (SENSITIVITY_ANALYSIS, COSTS_ANALYSIS)}
-        candidate = _run_passes(tail, candidate, ctx)
-        weights = [u.weight for u in kept[COSTS_ANALYSIS][1].units]
+        report, costs = ctx.analyses.get(SensitivityReport), ctx.analyses.get(CostTable)
+        assert report is not None and costs is not None  # the mixed-precision pass computed both
+        candidate = tail.run(candidate, ctx).model
+        weights = [u.weight for u in costs.units]
         exported = export_qdq(candidate).SerializeToString(deterministic=True)
         fidelity = evaluate_fidelity(float_bytes, exported, heldout, threads=threads)
         point = {"fraction": float(fraction), "model_bytes": len(exported), "fidelity": fidelity,
@@ -97,24 +101,11 @@ def pareto_sweep(model: str | Path, calibration: Any, *, pipeline: str = DEFAULT
         point.update({k: v for k, v in stats.items() if k not in ("sensitivity_source",)})
         points.append(point)
         log.info("sweep size=%.3f: %s", fraction, {k: point[k] for k in ("size_total", "predicted_omega")})
-    report = kept[SENSITIVITY_ANALYSIS]
-    costs = kept[COSTS_ANALYSIS][1]
+    assert report is not None and costs is not None, "no sweep points"
     return {"model": str(model), "pipeline": str(pipe), "objective": base_opts.objective, "budget": "size",
             "relative_to": "int4-int8", "heldout_samples": len(heldout), "loss": report.loss,
             "target": report.target, "sensitivity_seconds": report.seconds,
             "layers": layer_table(report, costs, ("int4", "int8")), "points": points}
-
-
-def _run_passes(passes: list, model, ctx):
-    """The passes after mixed-precision (validated with the whole pipeline), invalidating analyses like
-    the pass manager does."""
-    for p in passes:
-        result = p.run(model, ctx)
-        model = result.model
-        if result.modified:
-            for key in [k for k in ctx.analyses if k not in p.preserves]:
-                del ctx.analyses[key]
-    return model
 
 
 # ------------------------------------------------------------------------------------------ plot
@@ -126,8 +117,6 @@ def _fidelity_series(points: list[dict[str, Any]]) -> tuple[list[float], str]:
 
 def plot_pareto(sweep: dict[str, Any], path: str | Path, width: int = 1000, height: int = 420) -> None:
     """Two panels against the weight bytes: predicted total sensitivity and measured divergence (log y)."""
-    from PIL import Image, ImageDraw
-
     points = sweep["points"]
     x = [p["size_total"] for p in points]
     measured, label = _fidelity_series(points)

@@ -20,6 +20,7 @@ import onnx
 import onnx_graphsurgeon as gs
 from onnx import numpy_helper
 
+from qonnx._version import __version__
 from qonnx.core.modelio import read_model_proto
 from qonnx.core.qtable import QuantTable
 from qonnx.errors import InputError, UnsupportedModelError
@@ -104,8 +105,6 @@ class Model:
         # IR version: keep the input's unless the opset needs a newer one.
         proto.ir_version = max(self.ir_version, _min_ir_version(self.opset))
         proto.producer_name = "qonnx"
-        from qonnx._version import __version__
-
         proto.producer_version = __version__
         del proto.metadata_props[:]
         for key, value in sorted(self.metadata.items()):
@@ -471,6 +470,16 @@ def import_model(proto: onnx.ModelProto, source_path: Path | None = None) -> Mod
     except Exception as e:
         log.warning("shape inference failed, continuing without full shapes: %s", e)
     return Model.from_onnx(proto, source_path)
+
+
+def check_model(model: Model) -> None:
+    """Run the ONNX checker on the model as it would be exported (raises onnx's ValidationError)."""
+    onnx.checker.check_model(model.to_onnx())
+
+
+def numpy_dtype(onnx_type: int) -> np.dtype:
+    """The numpy dtype of an ONNX tensor element type (e.g. a Cast's `to`)."""
+    return np.dtype(onnx.helper.tensor_dtype_to_np_dtype(onnx_type))
 
 
 def load_model(path: str | os.PathLike[str]) -> Model:

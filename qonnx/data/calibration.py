@@ -18,6 +18,7 @@ from typing import Any, Iterable, Iterator, Protocol
 import numpy as np
 
 from qonnx.core.ir import Model
+from qonnx.data.images import ImageFolderSource, is_image_folder
 from qonnx.errors import InputError
 
 log = logging.getLogger(__name__)
@@ -303,8 +304,6 @@ def open_calibration(data: Any, model: Model, preprocess: str | None = None) -> 
         if not path.exists():
             raise InputError(f"calibration data '{path}' does not exist")
         if path.is_dir():
-            from qonnx.data.images import ImageFolderSource, is_image_folder
-
             if preprocess or is_image_folder(path):
                 if len(specs) != 1:
                     raise InputError("image-folder calibration needs a single-input model")

@@ -31,15 +31,15 @@ import numpy as np
 import onnx
 
 from qonnx.core.ir import Model
+from qonnx.core.ops import ABSORBED_ACTIVATIONS, INT_PASS_THROUGH_OPS
 from qonnx.errors import ExportError
 from qonnx.export.dyadic import OFFSET_LOG2, Dyadic, common_shift, dyadic
-from qonnx.export.lowering import ACTIVATIONS, Lowering, QValue
+from qonnx.export.lowering import Lowering, QValue
 
 log = logging.getLogger(__name__)
 
 INT32_MAX = 2**31 - 1
 OFFSET = 1 << OFFSET_LOG2
-INT_PASS_THROUGH = frozenset({"Reshape", "Transpose", "Flatten", "Squeeze", "Unsqueeze", "MaxPool", "Identity"})
 # Unary ops lowered to a 256-entry table: f(real value) for every input code.
 LUT_FUNCTIONS: dict[str, Callable[[Any, np.ndarray], np.ndarray]] = {
     "Sigmoid": lambda node, v: 1.0 / (1.0 + np.exp(-v)),
@@ -70,7 +70,7 @@ class IntLowering(Lowering):
             "Concat": self.concat, "GlobalAveragePool": self.global_pool, "AveragePool": self.average_pool,
             "Relu": self.clip, "Clip": self.clip,
         }
-        table.update({op: self.pass_through for op in INT_PASS_THROUGH})
+        table.update({op: self.pass_through for op in INT_PASS_THROUGH_OPS})
         table.update({op: self.lut for op in LUT_FUNCTIONS})
         return table
 
@@ -298,7 +298,7 @@ class IntLowering(Lowering):
         """(activation or None, tensor) that a requantizing node writes: through a lone Relu/Clip when quantized."""
         out = node.outputs[0]
         consumers = self.m.consumers(out)
-        if len(consumers) == 1 and consumers[0].op in ACTIVATIONS and not self.m.is_graph_output(out) \
+        if len(consumers) == 1 and consumers[0].op in ABSORBED_ACTIVATIONS and not self.m.is_graph_output(out) \
                 and self.m.clip_bounds(consumers[0]) is not None and self.entry_value(consumers[0].outputs[0]):
             return consumers[0], consumers[0].outputs[0]
         return None, out

@@ -24,6 +24,7 @@ import onnx
 from onnx import helper, numpy_helper
 
 from qonnx.errors import QonnxError, UnsupportedModelError
+from qonnx.runtime.ort import make_session
 
 log = logging.getLogger(__name__)
 
@@ -375,8 +376,6 @@ def output_scales(model: onnx.ModelProto) -> dict[str, tuple[np.ndarray, int]]:
 def integer_check(model: onnx.ModelProto, feeds: Iterable[dict[str, np.ndarray]],
                   threads: int | None = 1) -> IntegerCheck:
     """Run ORT (all optimizations) and the reference on each feed and compare the outputs."""
-    from qonnx.runtime.ort import make_session
-
     reference = IntegerReference(model)
     session = make_session(model, threads=threads)
     names = [o.name for o in session.get_outputs()]

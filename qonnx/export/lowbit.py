@@ -74,31 +74,6 @@ def pack_int4_initializers(proto: onnx.ModelProto, names: dict[str, bool]) -> No
         raise ExportError(f"int4 initializer(s) {sorted(set(names) - found)} missing from the exported graph")
 
 
-def _k_axis(node) -> int | None:
-    """The input-feature axis of a MatMul/Gemm weight (None for a Gemm MatMulNBits cannot express)."""
-    if node.op == "MatMul":
-        return 0
-    if node.op == "Gemm" and not int(node.attrs.get("transA", 0)) and float(node.attrs.get("alpha", 1.0)) == 1.0 \
-            and float(node.attrs.get("beta", 1.0)) == 1.0:
-        return 1 if int(node.attrs.get("transB", 0)) else 0
-    return None
-
-
-def nbits_applies(model: Model, node, entry: TensorQuant) -> bool:
-    """A MatMul/Gemm with a 2-D weight in 4-bit blocks along K and a float input runs as MatMulNBits."""
-    s = entry.scheme
-    if s.bits != 4 or not s.signed or not s.block_size or s.axis != _k_axis(node):
-        return False
-    if s.block_size < 16 or s.block_size & (s.block_size - 1):
-        return False
-    w = model.constant_value(node.inputs[1])
-    if node.op == "Gemm" and len(node.inputs) > 2 and node.inputs[2].name:
-        bias = model.constant_value(node.inputs[2])
-        if bias is None or w is None or bias.shape != (w.shape[1 - s.axis],):
-            return False  # MatMulNBits adds a per-column bias only
-    return w is not None and w.ndim == 2 and model.quant.get(node.inputs[0].name) is None
-
-
 def pack_nbits_weight(codes: np.ndarray, block_size: int) -> np.ndarray:
     """Signed 4-bit codes [K, N] -> MatMulNBits' B: uint8 [N, ceil(K/block), block/2], code + 8, low nibble first."""
     k, n = codes.shape

@@ -21,20 +21,14 @@ import numpy as np
 import onnx
 
 from qonnx.core.ir import Model
+from qonnx.core.ops import ABSORBED_ACTIVATIONS
 from qonnx.core.qtable import Role, TensorQuant
 from qonnx.errors import ExportError
-from qonnx.export.qdq import quantized_weight_codes
+from qonnx.quantize.parameters import quantized_weight_codes
 
 log = logging.getLogger(__name__)
 
 MS_DOMAIN = "com.microsoft"
-LAYER_OPS = ("Conv", "Gemm", "MatMul")
-# Ops ORT runs on 8-bit integers unchanged when input and output share parameters.
-PASS_THROUGH_OPS = frozenset({
-    "Reshape", "Transpose", "Flatten", "Squeeze", "Unsqueeze", "MaxPool", "Resize", "Slice", "Split",
-    "Gather", "Expand", "Tile", "DepthToSpace", "SpaceToDepth", "Identity",
-})
-ACTIVATIONS = frozenset({"Relu", "Clip"})
 
 
 @dataclass
@@ -286,7 +280,7 @@ class Lowering:
         if layer_output_name in (None, out.name):
             return None, out
         consumers = self.m.consumers(out)
-        if len(consumers) != 1 or consumers[0].op not in ACTIVATIONS or self.m.is_graph_output(out):
+        if len(consumers) != 1 or consumers[0].op not in ABSORBED_ACTIVATIONS or self.m.is_graph_output(out):
             return None
         act = consumers[0]
         if act.outputs[0].name != layer_output_name:

@@ -11,13 +11,12 @@ The input model is not modified.
 from __future__ import annotations
 
 import logging
-from collections import Counter
-from dataclasses import dataclass, field
 
 import numpy as np
 import onnx
 
 from qonnx.core.ir import Model
+from qonnx.core.ops import nbits_applies
 from qonnx.core.qtable import QuantState, Role, TensorQuant
 from qonnx.errors import ExportError
 from qonnx.export.lowbit import (
@@ -25,11 +24,11 @@ from qonnx.export.lowbit import (
     PACKED_BITS,
     export_matmul_nbits,
     low_bit_weights,
-    nbits_applies,
     pack_int4_initializers,
     with_opset,
 )
 from qonnx.numerics.quant import quantize
+from qonnx.quantize.parameters import quantized_weight_codes
 
 log = logging.getLogger(__name__)
 
@@ -135,12 +134,6 @@ def _absorb_activation(m: Model, tensor, entry: TensorQuant):
     return src  # now carries the quantized tensor's name
 
 
-def quantized_weight_codes(entry: TensorQuant, values: np.ndarray) -> np.ndarray:
-    if entry.codes is not None:
-        return np.asarray(entry.codes)
-    return quantize(values, entry.scale, entry.zero_point, entry.scheme)
-
-
 def export_qdq(model: Model, nbits_accuracy_level: int = 0, pack_int4: bool = True) -> onnx.ModelProto:
     """The QDQ ONNX model for a calibrated IR (the IR itself is left as it was).
 
@@ -194,7 +187,7 @@ def _export_entries(m: Model, nbits: dict, nbits_accuracy_level: int, pack_int4:
             int4_initializers.update({q_name: entry.scheme.signed, zp_name: entry.scheme.signed})
         entry.state = QuantState.EXPORTED
     for node_name, entry in sorted(m.quant.dynamic.items()):
-        _export_dynamic_matmul(m, node_name, entry)
+        export_dynamic_matmul(m, node_name, entry)
     for node_name, entry in sorted(m.quant.gathers.items()):
         export_int8_lookup(m, node_name, entry)
 
@@ -212,7 +205,7 @@ def _nbits_layers(m: Model) -> dict[str, object]:
     return found
 
 
-def _export_dynamic_matmul(m: Model, node_name: str, entry: TensorQuant) -> None:
+def export_dynamic_matmul(m: Model, node_name: str, entry: TensorQuant) -> None:
     """MatMul(x, W) -> DynamicQuantizeLinear(x), MatMulInteger, Cast, Mul(s_x * s_w): ORT's DynamicQuantizeMatMul."""
     node = next(n for n in m.nodes if n.name == node_name)
     x, w_tensor = node.inputs
@@ -262,50 +255,3 @@ def export_int8_lookup(m: Model, node_name: str, entry: TensorQuant) -> None:
     m.graph.nodes.remove(node)
     m.add_node("Mul", [rows, row_scale], [out], name=node_name + "_Mul")
     entry.state = QuantState.EXPORTED
-
-
-# ------------------------------------------------------------------ fusion report
-INTEGER_KERNELS = frozenset({
-    "QLinearConv", "QLinearMatMul", "QGemm", "MatMulIntegerToFloat", "ConvInteger", "MatMulInteger",
-    "DynamicQuantizeMatMul", "MatMulNBits",
-})
-FLOAT_KERNELS = {"Conv": "Conv", "FusedConv": "Conv", "NhwcFusedConv": "Conv", "Gemm": "Gemm",
-                 "FusedGemm": "Gemm", "MatMul": "MatMul", "FusedMatMul": "MatMul"}
-
-
-@dataclass
-class FusionReport:
-    integer_ops: Counter = field(default_factory=Counter)
-    float_layers: list[tuple[str, str]] = field(default_factory=list)  # (op, node name)
-    qdq_left: int = 0
-
-    @property
-    def integer_count(self) -> int:
-        return sum(self.integer_ops.values())
-
-    def describe(self) -> str:
-        ops = ", ".join(f"{v} {k}" for k, v in sorted(self.integer_ops.items())) or "none"
-        text = f"integer kernels in ORT: {ops}"
-        if self.float_layers:
-            text += f"; float layers: {len(self.float_layers)}"
-        return text
-
-
-def fusion_report(proto: onnx.ModelProto) -> FusionReport:
-    """Read ORT's optimized graph and count integer kernels and layers left in float."""
-    from qonnx.runtime.ort import optimized_graph
-
-    optimized = optimized_graph(proto)
-    report = FusionReport()
-    initializers = {i.name for i in optimized.graph.initializer}
-    produced_by_dq = {o for n in optimized.graph.node if n.op_type == "DequantizeLinear" for o in n.output}
-    for node in optimized.graph.node:
-        if node.op_type in INTEGER_KERNELS:
-            report.integer_ops[node.op_type] += 1
-        elif node.op_type in FLOAT_KERNELS:
-            weight = node.input[1] if len(node.input) > 1 else ""
-            if weight in initializers or weight in produced_by_dq:
-                report.float_layers.append((FLOAT_KERNELS[node.op_type], node.name))
-        elif node.op_type in ("QuantizeLinear", "DequantizeLinear"):
-            report.qdq_left += 1
-    return report

@@ -26,8 +26,9 @@ import numpy as np
 import onnx
 
 from qonnx.core.ir import Model
-from qonnx.export.lowering import ACTIVATIONS, MS_DOMAIN, PASS_THROUGH_OPS, Lowering, QValue
-from qonnx.export.qdq import _export_dynamic_matmul, export_int8_lookup
+from qonnx.core.ops import ABSORBED_ACTIVATIONS, PASS_THROUGH_OPS
+from qonnx.export.lowering import MS_DOMAIN, Lowering, QValue
+from qonnx.export.qdq import export_dynamic_matmul, export_int8_lookup
 
 log = logging.getLogger(__name__)
 
@@ -134,7 +135,7 @@ class QOpLowering(Lowering):
     def matmul(self, node) -> bool:
         if node.name in self.table.dynamic:  # quantized per run, as the QDQ exporter writes it
             self.floating(node.inputs[0])
-            _export_dynamic_matmul(self.m, node.name, self.table.dynamic[node.name])
+            export_dynamic_matmul(self.m, node.name, self.table.dynamic[node.name])
             return True
         a = self.quantized(node.inputs[0])
         layer = self.table.layers.get(node.name)
@@ -174,7 +175,7 @@ class QOpLowering(Lowering):
         """(activation node, tensor) when node's single consumer is a Relu/Clip whose output the grid covers."""
         out = node.outputs[0]
         consumers = self.m.consumers(out)
-        if len(consumers) != 1 or consumers[0].op not in ACTIVATIONS or self.m.is_graph_output(out):
+        if len(consumers) != 1 or consumers[0].op not in ABSORBED_ACTIVATIONS or self.m.is_graph_output(out):
             return None, out
         act = consumers[0]
         qv = self.entry_value(act.outputs[0])

@@ -1,9 +1,10 @@
-"""Passes, the pass registry, text pipelines and presets.
+"""Text pipelines: parsing, the Pipeline (itself a pass, so pipelines nest) and validation.
 
 A pipeline is printable text that round-trips:
     fold-bn,cle{iterations=20},calibrate{method=octav}
 Options are typed frozen dataclasses: the parser, the CLI help and the docs all
-come from their fields.
+come from their fields. The parser is given the registry of passes and the presets;
+this module knows no concrete pass.
 """
 
 from __future__ import annotations
@@ -13,168 +14,28 @@ import logging
 import re
 import types
 import typing
-from abc import ABC, abstractmethod
-from dataclasses import dataclass, field
-from typing import Any, ClassVar
+from collections.abc import Iterable, Iterator, Mapping
+from typing import Any
 
+from qonnx.core.ir import Model
 from qonnx.errors import PipelineParseError, PreconditionError
-
-if typing.TYPE_CHECKING:
-    from qonnx.core.ir import Model
-    from qonnx.infra.manager import PassContext
-
-
-@dataclass(frozen=True)
-class NoOptions:
-    """A pass without options."""
-
-
-def option(default: Any, help: str, choices: tuple[Any, ...] | None = None) -> Any:
-    """A typed pass option with help text (and optional allowed values)."""
-    return field(default=default, metadata={"help": help, "choices": choices})
-
-
-@dataclass
-class PassResult:
-    model: Model
-    modified: bool
-    stats: dict[str, Any] = field(default_factory=dict)
-
-
-class Pass(ABC):
-    """A transformation of the IR. Subclasses set the class attributes and `run`."""
-
-    name: ClassVar[str]
-    summary: ClassVar[str]
-    Options: ClassVar[type] = NoOptions
-    # Capabilities: "calibration-data" comes from the context, the rest from earlier passes.
-    requires: ClassVar[frozenset[str]] = frozenset()
-    provides: ClassVar[frozenset[str]] = frozenset()
-    # A capability that, once provided earlier, makes this pass invalid (with the reason).
-    forbidden_after: ClassVar[dict[str, str]] = {}
-    # A capability that, once provided earlier, makes this pass questionable: validation warns (with why).
-    warned_after: ClassVar[dict[str, str]] = {}
-    preserves: ClassVar[frozenset[str]] = frozenset()  # analyses left valid
-    exact: ClassVar[bool] = True  # float outputs must not change (checked by the numeric verifier)
-    edits_graph: ClassVar[bool] = True  # False for passes that only write the quant table
-
-    def __init__(self, options: Any = None):
-        self.options = options if options is not None else self.Options()
-
-    def assumed_input_range(self) -> tuple[float, ...] | None:
-        """The range of the model's float inputs this pass assumes (data-free passes), else None."""
-        return None
-
-    @abstractmethod
-    def run(self, model: Model, ctx: PassContext) -> PassResult: ...
-
-    def spec(self, full: bool = False) -> str:
-        """This pass as pipeline text; `full` lists every option, else only non-defaults."""
-        items = []
-        for f in dataclasses.fields(self.options):
-            value = getattr(self.options, f.name)
-            if full or value != f.default:
-                items.append(f"{f.name}={_format_value(value)}")
-        return self.name + ("{" + ",".join(items) + "}" if items else "")
-
-    def __repr__(self) -> str:
-        return self.spec()
-
+from qonnx.infra.base import Pass, PassResult, apply_pass
+from qonnx.infra.context import PassContext
 
 log = logging.getLogger(__name__)
-_REGISTRY: dict[str, type[Pass]] = {}
 
 
-def register(cls: type[Pass]) -> type[Pass]:
-    if cls.name in _REGISTRY and _REGISTRY[cls.name] is not cls:
-        raise ValueError(f"pass name '{cls.name}' registered twice")
-    _REGISTRY[cls.name] = cls
-    return cls
-
-
-def registry() -> dict[str, type[Pass]]:
-    import qonnx.passes  # noqa: F401  (registers the built-in passes)
-
-    return dict(sorted(_REGISTRY.items()))
-
-
-# ------------------------------------------------------------------ presets
-PRESETS: dict[str, tuple[str, str]] = {
-    "w8a8": (
-        "canonicalize,fold-bn,smooth,plan,embeddings,calibrate,protect,keep-fast,bias-correction",
-        "INT8: per-channel int8 weights, uint8 activations; MatMuls whose input quantizes badly take their "
-        "range per run, other such layers and those slower in int8 stay float; int8 embedding tables; bias "
-        "correction",
-    ),
-    "w8a8-minmax": (
-        "canonicalize,fold-bn,plan,embeddings,calibrate{method=minmax},bias-correction",
-        "INT8 with plain min/max activation ranges (fastest calibration)",
-    ),
-    "w8a8-pertensor": (
-        "canonicalize,fold-bn,cle{objective=noise},smooth,plan{per_channel=false},embeddings,calibrate,protect,"
-        "bias-correction",
-        "INT8 with one weight scale per tensor (accelerators without per-channel support): cross-layer "
-        "equalization with scales that balance weight and activation noise, and bias correction, recover what "
-        "per-tensor rounding loses",
-    ),
-    "dfq": (
-        "canonicalize,fold-bn,plan,estimate-ranges,bias-correction{mode=analytic}",
-        "data-free INT8 (no calibration data): activation ranges and bias correction from BatchNorm "
-        "statistics carried through the graph (vision models without them: ranges from synthetic images)",
-    ),
-    "dfq-pertensor": (
-        "canonicalize,fold-bn,cle{objective=noise,statistics=moments},high-bias-absorption,plan{per_channel=false},"
-        "estimate-ranges,bias-correction{mode=analytic}",
-        "data-free INT8 with per-tensor weights: DFQ's recipe (high-bias absorption, BN-statistics ranges, analytic "
-        "bias correction) with CLE scales that minimise weight and activation noise, from BN statistics",
-    ),
-    "w8a8-adaround": (
-        "canonicalize,fold-bn,smooth,plan,embeddings,calibrate{weights=mse},protect,keep-fast,adaround",
-        "w8a8 with AdaRound instead of bias correction: each weight's rounding learned on calibration data",
-    ),
-    "w4a8": (
-        "canonicalize,fold-bn,plan{weight_bits=4,keep_8bit=first;last;depthwise},calibrate{weights=mse},adaround",
-        "int4 weights (MSE scale search, AdaRound), uint8 activations; the first and last layers and depthwise "
-        "convs keep int8 weights. Stored as int4 (opset 21): about half the size of w8a8",
-    ),
-    "w4a16": (
-        "canonicalize,fold-bn,plan{weight_bits=4,activations=float,block_size=32},embeddings,"
-        "calibrate{weights=mse},adaround",
-        "weight-only int4 in blocks of 32 along K (MSE scale search, AdaRound), float activations; MatMul/Gemm "
-        "run as ORT's MatMulNBits; int8 embedding tables",
-    ),
-    "w4a16-rtn": (
-        "canonicalize,fold-bn,plan{weight_bits=4,activations=float,block_size=32},embeddings,calibrate-weights{method=mse}",
-        "w4a16 without data: round-to-nearest int4 weights",
-    ),
-    "w4a8-qat": (
-        "canonicalize,fold-bn,plan{weight_bits=4,keep_8bit=first;last;depthwise},calibrate{weights=mse},"
-        "adaround{time_budget=330},qat{batch_size=8,lr=5e-5,time_budget=480,threads=2}",
-        "w4a8 fine-tuned: AdaRound's rounding as the start, then label-free distillation from the float model on "
-        "the calibration inputs (LSQ step sizes); about 14 minutes (needs torch: pip install qonnx-opt[qat])",
-    ),
-    "w4a4-qat": (
-        "canonicalize,fold-bn,plan{weight_bits=4,activations=uint4},calibrate{weights=mse},qat{lr=0.001,freeze=0.1}",
-        "int4 weights and 16-level activations, quantization-aware fine-tuning with iterative freezing (needs torch)",
-    ),
-    "w8a8-static": (
-        "canonicalize,fold-bn,smooth,plan,embeddings,calibrate,protect,bias-correction",
-        "w8a8 without the latency measurement: output independent of machine timings",
-    ),
-}
+def make_registry(passes: Iterable[type[Pass]]) -> dict[str, type[Pass]]:
+    """Pass name -> class, sorted by name; a name given twice is a programming error."""
+    registry: dict[str, type[Pass]] = {}
+    for cls in passes:
+        if cls.name in registry and registry[cls.name] is not cls:
+            raise ValueError(f"pass name '{cls.name}' registered twice")
+        registry[cls.name] = cls
+    return dict(sorted(registry.items()))
 
 
 # ------------------------------------------------------------------ options
-def _format_value(value: Any) -> str:
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, (tuple, list)):
-        return "[" + ";".join(_format_value(v) for v in value) + "]"
-    if isinstance(value, float):
-        return repr(value)
-    return str(value)
-
-
 def _field_type(options_cls: type, f: dataclasses.Field) -> Any:
     hints = typing.get_type_hints(options_cls)
     return hints[f.name]
@@ -282,51 +143,78 @@ def _split_options(text: str) -> list[str]:
     return parts
 
 
-class Pipeline:
-    """An ordered list of configured passes; `str()` gives text that parses back to it."""
+class Pipeline(Pass):
+    """An ordered list of configured passes; `str()` gives text that parses back to it.
 
-    def __init__(self, passes: list[Pass]):
+    A pipeline is a pass: run as a member of another pipeline (or alone) it runs its passes in order,
+    dropping after each the analyses that pass did not preserve. Instruments are the manager's.
+    """
+
+    name = "pipeline"
+    summary = "run passes in order"
+
+    def __init__(self, passes: Iterable[Pass]):
+        super().__init__()
         self.passes = list(passes)
+        members = self.flat()
+        # What the whole keeps valid: what every member preserves.
+        self.preserves = frozenset.intersection(*(p.preserves for p in members)) if members else frozenset()
 
     @classmethod
-    def parse(cls, text: str) -> Pipeline:
-        """Parse pipeline text; a preset name (optionally with overrides) expands to its pipeline."""
-        reg = registry()
+    def parse(cls, text: str, registry: Mapping[str, type[Pass]], presets: Mapping[str, str] | None = None
+              ) -> Pipeline:
+        """Parse pipeline text with the given passes; a preset name expands to its pipeline text."""
+        presets = presets or {}
         built: list[Pass] = []
         for name, raw in _parse_items(text):
-            if name in PRESETS and name not in reg:
+            if name in presets and name not in registry:
                 if raw:
                     raise PipelineParseError(f"preset '{name}' takes no options; write its passes out instead")
-                built.extend(cls.parse(PRESETS[name][0]).passes)
+                built.extend(cls.parse(presets[name], registry, presets).passes)
                 continue
-            if name not in reg:
-                raise PipelineParseError(f"unknown pass '{name}' (known passes: {', '.join(reg)})")
-            pass_cls = reg[name]
+            if name not in registry:
+                raise PipelineParseError(f"unknown pass '{name}' (known passes: {', '.join(registry)})")
+            pass_cls = registry[name]
             built.append(pass_cls(make_options(pass_cls, raw)))
         return cls(built)
 
+    def flat(self) -> list[Pass]:
+        """The passes with nested pipelines expanded, in running order."""
+        return [q for p in self.passes for q in (p.flat() if isinstance(p, Pipeline) else [p])]
+
+    def spec(self, full: bool = False) -> str:
+        return ",".join(p.spec(full) for p in self.passes)
+
     def __str__(self) -> str:
-        return ",".join(p.spec() for p in self.passes)
+        return self.spec()
 
     def canonical(self) -> str:
-        return ",".join(p.spec(full=True) for p in self.passes)
+        return self.spec(full=True)
 
-    def __iter__(self):
+    def __iter__(self) -> Iterator[Pass]:
         return iter(self.passes)
 
     def __len__(self) -> int:
         return len(self.passes)
 
+    def run(self, model: Model, ctx: PassContext) -> PassResult:
+        modified, steps = False, []
+        for p in self.passes:
+            result = apply_pass(p, model, ctx)
+            model, modified = result.model, modified or result.modified
+            steps.append({"pass": p.spec(), "modified": result.modified, **result.stats})
+        return PassResult(model, modified, {"passes": steps})
+
     def validate(self, available: frozenset[str]) -> list[str]:
         """Check requirements and ordering rules before anything runs; returns (and logs) the warnings."""
         have = set(available)
         warnings = []
-        assumed = {(p.name, index + 1): tuple(r) for index, p in enumerate(self.passes)
+        assumed = {(p.name, index + 1): tuple(r) for index, p in enumerate(self.flat())
                    if (r := p.assumed_input_range()) is not None}
         if len(set(assumed.values())) > 1:
             listed = ", ".join(f"'{name}' (position {pos}) input_range={list(r)}" for (name, pos), r in assumed.items())
             raise PreconditionError(f"passes assume different input ranges: {listed}; give them the same input_range")
-        for index, p in enumerate(self.passes):
+        for index, p in enumerate(self.flat()):
             for capability, reason in p.warned_after.items():
                 if capability in have:
                     warnings.append(f"pass '{p.name}' (position {index + 1}): {reason}")
@@ -345,12 +233,3 @@ class Pipeline:
                 )
             have |= p.provides
         return warnings
-
-
-def resolve(preset: str | None, passes: str | None) -> Pipeline:
-    if preset and passes:
-        raise PipelineParseError("give either a preset or a pass pipeline, not both")
-    text = passes or preset or "w8a8"
-    if preset and preset not in PRESETS:
-        raise PipelineParseError(f"unknown preset '{preset}' (presets: {', '.join(PRESETS)})")
-    return Pipeline.parse(text)

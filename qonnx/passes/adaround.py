@@ -20,7 +20,8 @@ import numpy as np
 from qonnx.core.ir import Model
 from qonnx.core.qtable import LayerQuant, QuantState
 from qonnx.export.qdq import export_qdq
-from qonnx.infra.pipeline import Pass, PassResult, option, register
+from qonnx.infra.base import Pass, PassResult, option
+from qonnx.infra.context import PassContext
 from qonnx.numerics.quant import expand_blocked
 from qonnx.rounding.adaround import (
     DEFAULT_ITERATIONS,
@@ -133,7 +134,6 @@ def _quantized_input_names(proto, wave: list[_Layer]) -> dict[str, str]:
     return {layer.quant.node: inputs.get(layer.quant.node, layer.quant.input) for layer in wave}
 
 
-@register
 class AdaRound(Pass):
     name = "adaround"
     summary = "learn each weight's rounding (up or down) to minimise the layer's output error (AdaRound)"
@@ -143,7 +143,7 @@ class AdaRound(Pass):
     exact = False
     edits_graph = False
 
-    def run(self, model: Model, ctx) -> PassResult:
+    def run(self, model: Model, ctx: PassContext) -> PassResult:
         from tqdm import tqdm
 
         opts = self.options
@@ -173,9 +173,9 @@ class AdaRound(Pass):
             q_names = _quantized_input_names(quant_proto, wave)
             f_names = sorted({layer.quant.input for layer in wave})
             moments = {layer.quant.node: _moments(layer) for layer in wave}
-            f_stream = stream_tensors(float_proto, f_names, data.batches(opts.batch_size), ctx.options.get("threads"))
+            f_stream = stream_tensors(float_proto, f_names, data.batches(opts.batch_size), ctx.threads)
             q_stream = stream_tensors(quant_proto, q_names.values(), data.batches(opts.batch_size),
-                                      ctx.options.get("threads"))
+                                      ctx.threads)
             seen = 0
             for (feed, f_values), (_, q_values) in zip(f_stream, q_stream, strict=True):
                 full = 0

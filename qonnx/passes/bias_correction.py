@@ -17,25 +17,14 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from qonnx.analyses.activation_stats import channel_means
+from qonnx.analyses.moments import DEFAULT_INPUT_RANGE, DEFAULT_WIDTH, PropagatedMoments, moments_for
 from qonnx.core.ir import Model
 from qonnx.core.layers import channel_response
-from qonnx.export.qdq import quantized_weight_codes
-from qonnx.infra.pipeline import Pass, PassResult, option, register
+from qonnx.infra.base import Pass, PassResult, option
+from qonnx.infra.context import PassContext
 from qonnx.numerics.quant import dequantize
-from qonnx.passes.calibrate import MEANS_ANALYSIS, collect_activation_stats, set_bias_params
-from qonnx.passes.estimate_ranges import MOMENTS_ANALYSIS, EstimateRanges, moments_for
-
-
-def channel_means(model: Model, names: list[str], ctx, batch_size: int = 8, samples: int = 0
-                  ) -> dict[str, np.ndarray]:
-    """Per-channel (axis 1) means of layer inputs; reuses calibration's pass over the data when cached."""
-    if not names:
-        return {}
-    cached = ctx.analyses.get(MEANS_ANALYSIS)
-    if cached is not None and cached[0] == (tuple(sorted(set(names))), samples):
-        return cached[1]
-    collect_activation_stats(model, [], ctx, batch_size, samples, names)
-    return ctx.analyses[MEANS_ANALYSIS][1]
+from qonnx.quantize.parameters import quantized_weight_codes, set_bias_params
 
 
 @dataclass(frozen=True)
@@ -47,7 +36,6 @@ class BiasCorrectionOptions:
     batch_size: int = option(8, "samples per ORT run")
 
 
-@register
 class BiasCorrection(Pass):
     name = "bias-correction"
     summary = "fold the mean output error of rounded weights into the bias (empirical, per layer)"
@@ -66,15 +54,14 @@ class BiasCorrection(Pass):
     def _means(self, model: Model, ctx, names: list[str]) -> dict[str, np.ndarray]:
         if self.options.mode == "empirical":
             return channel_means(model, names, ctx, self.options.batch_size, self.options.samples)
-        cached = ctx.analyses.get(MOMENTS_ANALYSIS)
+        cached = ctx.analyses.get(PropagatedMoments)
         if cached is not None:
-            moments = cached[1]
-        else:  # ranges came from data: carry moments from the BN statistics with the default input range
-            defaults = EstimateRanges.Options()
-            moments = moments_for(model, ctx, tuple(defaults.input_range), defaults.width)
+            moments = cached.moments
+        else:  # ranges came from data: carry moments from the BN statistics with estimate-ranges' defaults
+            moments = moments_for(model, ctx, DEFAULT_INPUT_RANGE, DEFAULT_WIDTH)
         return {n: moments[n].mean for n in names if n in moments}
 
-    def run(self, model: Model, ctx) -> PassResult:
+    def run(self, model: Model, ctx: PassContext) -> PassResult:
         table, tensors = model.quant, model.tensors()
         layers = [layer for layer in table.layers.values() if layer.bias and layer.weight]
         nodes = {n.name: n for n in model.nodes}

@@ -6,8 +6,9 @@ import numpy as np
 import onnx
 
 from qonnx.core.ir import Model
-from qonnx.infra.pipeline import Pass, PassResult, register
-from qonnx.passes.transposes import sink_transposes
+from qonnx.infra.base import Pass, PassResult
+from qonnx.infra.context import PassContext
+from qonnx.passes._transposes import sink_transposes
 
 
 def _fold_pad_into_conv(model: Model) -> int:
@@ -182,7 +183,6 @@ def _drop_identities(model: Model) -> int:
     return dropped
 
 
-@register
 class Canonicalize(Pass):
     name = "canonicalize"
     summary = ("fold constant subgraphs (Shape chains too), fold zero Pads into Conv, drop Identity/Dropout/no-op Casts, "
@@ -191,7 +191,7 @@ class Canonicalize(Pass):
     provides = frozenset({"canonical"})
     exact = True
 
-    def run(self, model: Model, ctx) -> PassResult:
+    def run(self, model: Model, ctx: PassContext) -> PassResult:
         before = len(model.nodes)
         model.fold_constants()
         folded_constants = before - len(model.nodes)

@@ -38,7 +38,8 @@ from qonnx.analyses.chains import Layer, activation_output, find_chains, layer_g
 from qonnx.analyses.moments import checked_input_range, propagate_moments
 from qonnx.core.ir import Model
 from qonnx.errors import PreconditionError
-from qonnx.infra.pipeline import Pass, PassResult, option, register
+from qonnx.infra.base import Pass, PassResult, option
+from qonnx.infra.context import PassContext
 from qonnx.numerics.cle_noise import ChannelStats, collect_channel_stats, noise_scales, stats_from_moments
 from qonnx.runtime.ort import stream_tensors
 
@@ -305,7 +306,6 @@ def equalize(model: Model, iterations: int = 20, tolerance: float = 1e-4, clips:
     return stats
 
 
-@register
 class CrossLayerEqualization(Pass):
     name = "cle"
     summary = "cross-layer equalization of Conv/Gemm chains and depthwise triplets (exact)"
@@ -329,7 +329,7 @@ class CrossLayerEqualization(Pass):
             return checked_input_range(self.name, self.options.input_range)
         return None
 
-    def run(self, model: Model, ctx) -> PassResult:
+    def run(self, model: Model, ctx: PassContext) -> PassResult:
         calibrated = sorted(name for name, entry in model.quant.tensors.items() if entry.calibrated)
         if calibrated:
             raise PreconditionError(
@@ -347,7 +347,7 @@ class CrossLayerEqualization(Pass):
             def statistics(names: list[str]) -> dict[str, ChannelStats]:
                 data = ctx.calibration.head(opts.samples) if opts.samples else ctx.calibration
                 return collect_channel_stats(stream_tensors(model.to_onnx(), names, data.batches(opts.batch_size),
-                                                            ctx.options.get("threads")))
+                                                            ctx.threads))
         stats = equalize(model, opts.iterations, opts.tolerance, opts.clips, statistics)
         changed = stats.pop("changed")
         if changed and not stats["converged"]:

@@ -17,13 +17,14 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from qonnx.analyses.activation_stats import ActivationStats, ChannelMeans
+from qonnx.analyses.moments import PropagatedMoments
 from qonnx.core.ir import Model
 from qonnx.core.qtable import QuantState, Role, TensorQuant
-from qonnx.infra.pipeline import Pass, PassResult, option, register
+from qonnx.infra.base import Pass, PassResult, option
+from qonnx.infra.context import PassContext
 from qonnx.numerics.quant import QuantScheme, scale_zero_point
 from qonnx.numerics.weight_ranges import weight_range
-from qonnx.passes.calibrate import MEANS_ANALYSIS, STATS_ANALYSIS
-from qonnx.passes.estimate_ranges import MOMENTS_ANALYSIS
 
 ROW_INT8 = QuantScheme(bits=8, signed=True, symmetric=True, axis=0)
 
@@ -54,15 +55,14 @@ class EmbeddingsOptions:
     min_elements: int = option(65536, "tables with fewer elements stay float (a small table saves few bytes)")
 
 
-@register
 class Embeddings(Pass):
     name = "embeddings"
     summary = "int8 lookup tables, one scale per row, for Gathers from large constant matrices"
     Options = EmbeddingsOptions
     edits_graph = False
-    preserves = frozenset({STATS_ANALYSIS, MEANS_ANALYSIS, MOMENTS_ANALYSIS})  # the float graph is untouched
+    preserves = frozenset({ActivationStats, ChannelMeans, PropagatedMoments})  # the float graph is untouched
 
-    def run(self, model: Model, ctx) -> PassResult:
+    def run(self, model: Model, ctx: PassContext) -> PassResult:
         tables = lookup_tables(model, self.options.min_elements)
         tensors = model.tensors()
         before = {name: entry.scale.tobytes() for name, entry in model.quant.gathers.items()}

@@ -17,30 +17,36 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 
-from qonnx.analyses.moments import Moments, checked_input_range, propagate_moments
+from qonnx.analyses.activation_stats import stream_statistics
+from qonnx.analyses.moments import (
+    DEFAULT_INPUT_RANGE,
+    DEFAULT_WIDTH,
+    Moments,
+    checked_input_range,
+    moments_for,
+)
 from qonnx.core.ir import Model
 from qonnx.core.qtable import QuantState, Role
 from qonnx.data.calibration import open_calibration
 from qonnx.data.synthetic import image_layout, pink_noise_images
 from qonnx.errors import PreconditionError
-from qonnx.infra.manager import PassContext
-from qonnx.infra.pipeline import Pass, PassResult, option, register
+from qonnx.infra.base import Pass, PassResult, option
+from qonnx.infra.context import PassContext
 from qonnx.numerics.quant import scale_zero_point
 from qonnx.numerics.ranges import activation_range
 from qonnx.numerics.weight_ranges import WEIGHT_METHODS
-from qonnx.passes.calibrate import calibrate_weights, collect_activation_stats, set_bias_params
-from qonnx.passes.plan import replan_excluding
+from qonnx.quantize.parameters import calibrate_weights, set_bias_params
+from qonnx.quantize.planning import replan_excluding
 
 log = logging.getLogger(__name__)
-MOMENTS_ANALYSIS = "moments"
 
 
 @dataclass(frozen=True)
 class EstimateRangesOptions:
     input_range: tuple[float, ...] = option(
-        (-1.0, 1.0), "range of the model's float inputs, 'low;high' (images normalized to [-1, 1] by default)")
+        DEFAULT_INPUT_RANGE, "range of the model's float inputs, 'low;high' (images normalized to [-1, 1] by default)")
     width: float = option(
-        8.0, "activation range = channel mean +- width standard deviations (wide: the independence "
+        DEFAULT_WIDTH, "activation range = channel mean +- width standard deviations (wide: the independence "
              "assumption underestimates the spread of deep layers without BatchNorm about twofold)")
     weights: str = option("minmax", "weight range method (per channel)", choices=WEIGHT_METHODS)
     source: str = option("auto", "moments = Gaussian moments from the folded BatchNorm statistics; synthetic = "
@@ -66,26 +72,14 @@ def resolve_source(model: Model, source: str) -> str:
     return source
 
 
-def synthetic_statistics(model: Model, ctx, names: list[str], input_range: tuple[float, float],
+def synthetic_statistics(model: Model, ctx: PassContext, names: list[str], input_range: tuple[float, float],
                          samples: int) -> dict:
-    """Statistics of each named tensor over generated images (a private context: no cached statistics leak)."""
+    """Statistics of each named tensor over generated images (streamed directly: nothing enters the cache)."""
     feeds = {t.name: pink_noise_images(t.shape, samples, input_range, seed=int(ctx.rng(f"synthetic:{t.name}")
                                                                                .integers(2**31)))
              for t in model.graph.inputs}
     data = open_calibration(feeds, model)
-    private = PassContext(calibration=data, seed=ctx.seed, progress=ctx.progress, options=ctx.options)
-    return collect_activation_stats(model, names, private)
-
-
-def moments_for(model: Model, ctx, input_range: tuple[float, float], width: float) -> dict[str, Moments]:
-    """The propagated moments, cached in the context for analytic bias correction."""
-    key = (tuple(input_range), width)
-    cached = ctx.analyses.get(MOMENTS_ANALYSIS)
-    if cached is not None and cached[0] == key:
-        return cached[1]
-    moments = propagate_moments(model, input_range, width)
-    ctx.analyses[MOMENTS_ANALYSIS] = (key, moments)
-    return moments
+    return stream_statistics(model, names, data, threads=ctx.threads, progress=ctx.progress)[0]
 
 
 def _unknown_layers(model: Model, moments: dict[str, Moments]) -> dict[str, str]:
@@ -99,7 +93,6 @@ def _unknown_layers(model: Model, moments: dict[str, Moments]) -> dict[str, str]
     return reasons
 
 
-@register
 class EstimateRanges(Pass):
     name = "estimate-ranges"
     summary = ("data-free activation ranges from BatchNorm statistics carried through the graph, or from "
@@ -114,7 +107,7 @@ class EstimateRanges(Pass):
     def assumed_input_range(self) -> tuple[float, float]:
         return checked_input_range(self.name, self.options.input_range)
 
-    def run(self, model: Model, ctx) -> PassResult:
+    def run(self, model: Model, ctx: PassContext) -> PassResult:
         opts = self.options
         input_range = checked_input_range(self.name, opts.input_range)
         if opts.samples < 1:
@@ -126,7 +119,7 @@ class EstimateRanges(Pass):
         table = model.quant
         kept = _unknown_layers(model, moments)
         if kept:  # plan again without them, keeping the user's exclusions and reasons
-            replan_excluding(model, ctx, kept)
+            replan_excluding(model, kept)
             log.info("estimate-ranges: %d layers stay float (no estimate for their tensors)", len(kept))
         unknown = 0
         for name, entry in table.of_role(Role.ACTIVATION).items():

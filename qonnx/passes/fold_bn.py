@@ -6,7 +6,8 @@ from __future__ import annotations
 import numpy as np
 
 from qonnx.core.ir import FoldedNorm, Model
-from qonnx.infra.pipeline import Pass, PassResult, register
+from qonnx.infra.base import Pass, PassResult
+from qonnx.infra.context import PassContext
 
 
 def _bn_affine(model: Model, bn) -> tuple[np.ndarray, np.ndarray] | None:
@@ -237,7 +238,6 @@ def fold_batchnorms_forward(model: Model) -> list[str]:
     return folded
 
 
-@register
 class FoldBatchNorm(Pass):
     name = "fold-bn"
     summary = ("fold BatchNormalization, and BatchNorm left decomposed as per-channel Sub/Mul/Add/Div, into the "
@@ -245,7 +245,7 @@ class FoldBatchNorm(Pass):
                "Conv/Gemm after it where that is exact (no padding)")
     exact = True
 
-    def run(self, model: Model, ctx) -> PassResult:
+    def run(self, model: Model, ctx: PassContext) -> PassResult:
         folded = fold_batchnorms(model)
         forward = fold_batchnorms_forward(model)  # only BNs with no layer before them are left for this
         chains = fold_affine_chains(model)

@@ -17,7 +17,8 @@ import numpy as np
 from qonnx.analyses.chains import find_chains
 from qonnx.core.ir import Model
 from qonnx.core.layers import channel_response
-from qonnx.infra.pipeline import Pass, PassResult, register
+from qonnx.infra.base import Pass, PassResult
+from qonnx.infra.context import PassContext
 
 SHIFT_TRANSPARENT = frozenset({"GlobalAveragePool", "Flatten", "Reshape", "Identity"})
 
@@ -82,7 +83,6 @@ def absorb_high_biases(model: Model) -> dict:
     return {"pairs": absorbed, "channels": channels}
 
 
-@register
 class HighBiasAbsorption(Pass):
     name = "high-bias-absorption"
     summary = "move the always-on part of BN-followed layer outputs into the next layer's bias (DFQ)"
@@ -90,6 +90,6 @@ class HighBiasAbsorption(Pass):
     forbidden_after = {"calibrated": "absorption changes activation ranges: run it before calibrate"}
     exact = False  # exact only where the pre-activation exceeds c and away from padded borders
 
-    def run(self, model: Model, ctx) -> PassResult:
+    def run(self, model: Model, ctx: PassContext) -> PassResult:
         stats = absorb_high_biases(model)
         return PassResult(model, stats["pairs"] > 0, stats)

@@ -19,8 +19,9 @@ import numpy as np
 
 from qonnx.core.ir import Model
 from qonnx.export.qdq import export_qdq
-from qonnx.infra.pipeline import Pass, PassResult, option, register
-from qonnx.passes.protect import replan_without
+from qonnx.infra.base import Pass, PassResult, option
+from qonnx.infra.context import PassContext
+from qonnx.quantize.calibration import replan_without
 from qonnx.runtime.ort import latency_session, make_session, measure_latency, with_outputs
 
 log = logging.getLogger(__name__)
@@ -56,7 +57,6 @@ class KeepFastOptions:
     seconds: float = option(1.0, "minimum measuring time per configuration")
 
 
-@register
 class KeepFast(Pass):
     name = "keep-fast"
     summary = "measure in ORT and keep float the smallest layers when integer kernels lose to FP32"
@@ -65,7 +65,7 @@ class KeepFast(Pass):
     exact = True
     edits_graph = False
 
-    def run(self, model: Model, ctx) -> PassResult:
+    def run(self, model: Model, ctx: PassContext) -> PassResult:
         if not model.quant.layers:
             return PassResult(model, False, {"int8_vs_fp32": None})
         feed = ctx.calibration.first_batch(1)

@@ -4,7 +4,7 @@ Runs after `plan` and before `calibrate`. Each planned weight (with the layers t
 weights are one unit) gets the precision that minimises the summed sensitivity (qonnx.sensitivity)
 subject to the budgets, solved exactly as a binary ILP (qonnx.ilp). The decision is written into the
 quant table: the weight entry's scheme gets 4 or 8 bits, and layers chosen float are re-planned as
-excluded (plan.replan_excluding), so calibrate, AdaRound and the exporters act on it.
+excluded (qonnx.quantize.planning.replan_excluding), so calibrate, AdaRound and the exporters act on it.
 
 Budgets are fractions or absolute values with a unit. By default a fraction interpolates between the
 all-int4 (0) and all-int8 (1) totals, HAWQ's convention: size=0.5 is halfway between the two model
@@ -23,30 +23,24 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from qonnx.analyses.costs import (
-    COSTS_ANALYSIS,
-    PRECISIONS,
-    CostTable,
-    Unit,
-    compute_costs,
-    find_units,
-    measure_latency_costs,
-)
+from qonnx.analyses.activation_stats import ActivationStats, ChannelMeans
+from qonnx.analyses.costs import PRECISIONS, CostTable, Unit, compute_costs, find_units
 from qonnx.analyses.sensitivity import (
     LOSSES,
     OBJECTIVES,
-    SENSITIVITY_ANALYSIS,
+    SensitivityReport,
     SensitivitySettings,
     analyze_sensitivity,
 )
 from qonnx.core.ir import Model
 from qonnx.core.qtable import Role
 from qonnx.errors import PreconditionError
-from qonnx.infra.pipeline import Pass, PassResult, option, register
+from qonnx.export.micro import measure_latency_costs
+from qonnx.infra.base import Pass, PassResult, option
+from qonnx.infra.context import PassContext
 from qonnx.numerics.ilp import InfeasibleBudget, budget_from_fraction, solve_precision_ilp
 from qonnx.numerics.weight_ranges import WEIGHT_METHODS
-from qonnx.passes.calibrate import MEANS_ANALYSIS, STATS_ANALYSIS
-from qonnx.passes.plan import Plan, replan_excluding
+from qonnx.quantize.planning import apply_plan, replan_excluding
 
 log = logging.getLogger(__name__)
 
@@ -223,7 +217,7 @@ def runs_int8_anyway(unit: Unit) -> bool:
 
 
 # ------------------------------------------------------------------------------------------ applying
-def _restore_plan(model: Model, ctx) -> None:
+def _restore_plan(model: Model) -> None:
     """Undo an earlier run's float exclusions so that a re-run sees the same layers (idempotence)."""
     table = model.quant
     mine = {n for n, reason in table.kept_float.items() if reason.startswith(FLOAT_REASON)}
@@ -231,15 +225,15 @@ def _restore_plan(model: Model, ctx) -> None:
         return
     others = {k: v for k, v in table.kept_float.items() if k not in mine}
     base = table.plan_options
-    Plan(dataclasses.replace(base, exclude=tuple(sorted(set(base.exclude) - mine)))).run(model, ctx)
+    apply_plan(model, dataclasses.replace(base, exclude=tuple(sorted(set(base.exclude) - mine))))
     table.kept_float.update(others)
 
 
-def apply_choice(model: Model, ctx, units: list[Unit], precision_of: dict[str, str]) -> None:
+def apply_choice(model: Model, units: list[Unit], precision_of: dict[str, str]) -> None:
     """Write weight precision -> the quant table: bits on the weight schemes, float layers re-planned."""
     float_nodes = {node: FLOAT_REASON for u in units if precision_of[u.weight] == "float" for node in u.nodes}
     if float_nodes:
-        replan_excluding(model, ctx, float_nodes)
+        replan_excluding(model, float_nodes)
     for unit in units:
         precision = precision_of[unit.weight]
         if precision == "float":
@@ -257,17 +251,16 @@ def _state(model: Model) -> tuple:
             tuple(sorted(table.kept_float.items())))
 
 
-def _costs(model: Model, ctx, units: list[Unit], need_latency: bool, precisions: tuple[str, ...]) -> CostTable:
-    key = tuple(units)
-    cached = ctx.analyses.get(COSTS_ANALYSIS)
-    table = cached[1] if cached is not None and cached[0] == key else compute_costs(model, ctx, units)
+def _costs(model: Model, ctx: PassContext, units: list[Unit], need_latency: bool, precisions: tuple[str, ...]
+           ) -> CostTable:
+    cached = ctx.analyses.get(CostTable)
+    table = cached if cached is not None and tuple(cached.units) == tuple(units) else compute_costs(model, ctx, units)
     if need_latency and (table.latency is None or np.isnan(table.matrix("latency", precisions)).any()):
         measure_latency_costs(model, ctx, table, precisions)
-    ctx.analyses[COSTS_ANALYSIS] = (key, table)
+    ctx.analyses.put(table)
     return table
 
 
-@register
 class MixedPrecision(Pass):
     name = "mixed-precision"
     summary = "choose int4/int8/float per weight minimising the summed sensitivity under size/BOPs/latency budgets"
@@ -276,7 +269,7 @@ class MixedPrecision(Pass):
     provides = frozenset({"mixed-precision"})
     forbidden_after = {"calibrated": "it changes weight bit widths: run it before calibrate",
                        "rounded": "weights are already rounded: run it before calibrate and adaround"}
-    preserves = frozenset({SENSITIVITY_ANALYSIS, COSTS_ANALYSIS, STATS_ANALYSIS, MEANS_ANALYSIS})
+    preserves = frozenset({SensitivityReport, CostTable, ActivationStats, ChannelMeans})
     exact = True
     edits_graph = False
 
@@ -288,14 +281,14 @@ class MixedPrecision(Pass):
                                     f"got {';'.join(self.options.precisions) or 'none'}")
         return tuple(p for p in PRECISIONS if p in chosen)
 
-    def run(self, model: Model, ctx) -> PassResult:
+    def run(self, model: Model, ctx: PassContext) -> PassResult:
         opts = self.options
         precisions = self._precisions()
         if not any(getattr(opts, k) for k in BUDGETS):
             raise PreconditionError("pass 'mixed-precision' needs a budget: size, bops or latency "
                                     "(e.g. mixed-precision{size=0.5})")
         before = _state(model)
-        _restore_plan(model, ctx)
+        _restore_plan(model)
         units = find_units(model)
         if not units:
             return PassResult(model, _state(model) != before, {"layers": 0})
@@ -327,7 +320,7 @@ class MixedPrecision(Pass):
             raise InfeasibleBudget(f"pass 'mixed-precision': {e}{self._hint(e, cost_mats, precisions)}",
                                    e.budgets, e.smallest, e.violated) from e
         precision_of = {u.weight: precisions[k] for u, k in zip(units, choice)}
-        apply_choice(model, ctx, units, precision_of)
+        apply_choice(model, units, precision_of)
         rows = np.arange(len(units))
         for p in precisions:
             stats[p] = int(sum(v == p for v in precision_of.values()))

@@ -17,14 +17,15 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from qonnx.analyses.activation_stats import ActivationStats, collect_activation_stats
 from qonnx.core.ir import Model
 from qonnx.core.qtable import QuantState, Role, TensorQuant
-from qonnx.infra.pipeline import Pass, PassResult, option, register
+from qonnx.infra.base import Pass, PassResult, option
+from qonnx.infra.context import PassContext
 from qonnx.numerics.quant import QuantScheme, scale_zero_point
 from qonnx.numerics.ranges import expected_sqnr_db
 from qonnx.numerics.weight_ranges import weight_range
-from qonnx.passes.calibrate import STATS_ANALYSIS, Calibrate, CalibrateOptions, collect_activation_stats
-from qonnx.passes.plan import replan_excluding
+from qonnx.quantize.calibration import replan_without
 
 
 @dataclass(frozen=True)
@@ -41,7 +42,6 @@ class ProtectOptions:
     # static kernel; its one cost is that it has no integer-only form.
 
 
-@register
 class Protect(Pass):
     name = "protect"
     summary = "keep in float the layers whose input's expected quantization SQNR is below a threshold"
@@ -49,9 +49,9 @@ class Protect(Pass):
     requires = frozenset({"calibrated", "calibration-data"})
     exact = True
     edits_graph = False
-    preserves = frozenset({STATS_ANALYSIS})
+    preserves = frozenset({ActivationStats})
 
-    def run(self, model: Model, ctx) -> PassResult:
+    def run(self, model: Model, ctx: PassContext) -> PassResult:
         table, opts = model.quant, self.options
         layer_inputs = sorted({table.root(layer.input) for layer in table.layers.values()})
         stats = collect_activation_stats(model, layer_inputs, ctx)
@@ -111,15 +111,3 @@ def _make_dynamic(model: Model, nodes: list) -> int:
             "(protect)", "(protect): input quantized per run instead (dynamic)")
         made += 1
     return made
-
-
-def replan_without(model: Model, ctx, reasons: dict[str, str]) -> None:
-    """Plan again with the given layers excluded and recalibrate from the cached statistics."""
-    table = model.quant
-    methods = {e.method for e in table.tensors.values() if e.role is Role.ACTIVATION and e.method}
-    weight_methods = {e.method for e in table.tensors.values() if e.role is Role.WEIGHT and e.method}
-    replan_excluding(model, ctx, reasons)
-    auto = {"octav", "minmax"} >= methods and len(methods) > 1
-    method = "auto" if auto or not methods else (methods.pop() if len(methods) == 1 else "auto")
-    weights = weight_methods.pop() if len(weight_methods) == 1 else "minmax"
-    Calibrate(CalibrateOptions(method=method, weights=weights)).run(model, ctx)

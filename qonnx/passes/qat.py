@@ -17,7 +17,8 @@ import numpy as np
 
 from qonnx.core.ir import Model
 from qonnx.errors import InputError
-from qonnx.infra.pipeline import Pass, PassResult, register
+from qonnx.infra.base import Pass, PassResult
+from qonnx.infra.context import PassContext
 from qonnx.qat.options import QatOptions, TrainConfig
 
 log = logging.getLogger(__name__)
@@ -60,7 +61,6 @@ def _calibration_arrays(ctx, samples: int) -> dict[str, np.ndarray]:
     return {k: np.concatenate(v) for k, v in parts.items()}
 
 
-@register
 class Qat(Pass):
     name = "qat"
     summary = "quantization-aware fine-tuning: learn weights and step sizes through fake quantizers (needs torch)"
@@ -70,7 +70,7 @@ class Qat(Pass):
     exact = False
     edits_graph = True
 
-    def run(self, model: Model, ctx) -> PassResult:
+    def run(self, model: Model, ctx: PassContext) -> PassResult:
         from qonnx.qat import require_torch
 
         opts = self.options
@@ -87,7 +87,7 @@ class Qat(Pass):
             inputs, labels = _calibration_arrays(ctx, opts.samples), None
         budget = max(0.0, opts.time_budget - (time.perf_counter() - start)) if opts.time_budget else 0.0
         config = TrainConfig(**{**asdict(opts), "seed": ctx.seed, "time_budget": budget})
-        threads = opts.threads or ctx.options.get("threads") or 1
+        threads = opts.threads or ctx.threads or 1
         previous = torch.get_num_threads()
         torch.set_num_threads(int(threads))
         torch.manual_seed(ctx.seed)

@@ -14,7 +14,8 @@ from dataclasses import dataclass
 import numpy as np
 
 from qonnx.core.ir import Model
-from qonnx.infra.pipeline import Pass, PassResult, option, register
+from qonnx.infra.base import Pass, PassResult, option
+from qonnx.infra.context import PassContext
 
 LAYER_OPS = frozenset({"Conv", "Gemm"})
 
@@ -51,7 +52,6 @@ def replace_relu6(model: Model, upper: float | None = 6.0) -> list[str]:
     return replaced
 
 
-@register
 class Relu6ToRelu(Pass):
     name = "relu6-to-relu"
     summary = "replace Clip(0, 6) after Conv/Gemm with Relu so that CLE can scale through it (approximate)"
@@ -60,6 +60,6 @@ class Relu6ToRelu(Pass):
                                      "run relu6-to-relu before calibrate"}
     exact = False  # the float model changes wherever activations exceeded the upper bound
 
-    def run(self, model: Model, ctx) -> PassResult:
+    def run(self, model: Model, ctx: PassContext) -> PassResult:
         replaced = replace_relu6(model, self.options.upper)
         return PassResult(model, bool(replaced), {"replaced": len(replaced)})

@@ -15,12 +15,13 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from qonnx.analyses.activation_stats import sample_stride
 from qonnx.core.ir import Model
-from qonnx.infra.pipeline import Pass, PassResult, option, register
+from qonnx.infra.base import Pass, PassResult, option
+from qonnx.infra.context import PassContext
 from qonnx.numerics.quant import QuantScheme, scale_zero_point
 from qonnx.numerics.ranges import expected_sqnr_db
 from qonnx.numerics.stats import TensorHistogram
-from qonnx.passes.calibrate import sample_stride
 from qonnx.runtime.ort import stream_tensors
 
 SUFFIX = "_Smooth"
@@ -54,7 +55,6 @@ class SmoothOptions:
     samples: int = option(64, "calibration samples used for the per-channel maxima")
 
 
-@register
 class Smooth(Pass):
     name = "smooth"
     summary = "divide outlier input channels of MatMuls by s and multiply the weight rows by s (SmoothQuant)"
@@ -63,7 +63,7 @@ class Smooth(Pass):
     forbidden_after = {"plan": "smooth changes the graph: run it before plan"}
     exact = True
 
-    def run(self, model: Model, ctx) -> PassResult:
+    def run(self, model: Model, ctx: PassContext) -> PassResult:
         nodes = _candidates(model)
         if not nodes:
             return PassResult(model, False, {"smoothed": 0})
@@ -71,7 +71,7 @@ class Smooth(Pass):
         amax: dict[str, np.ndarray] = {}
         hists = {n: TensorHistogram() for n in names}
         batches = ctx.calibration.head(self.options.samples).batches(8)
-        for _, values in stream_tensors(model.to_onnx(), names, batches, ctx.options.get("threads")):
+        for _, values in stream_tensors(model.to_onnx(), names, batches, ctx.threads):
             for name in names:
                 x = values[name]
                 channel_max = np.abs(x).reshape(-1, x.shape[-1]).max(axis=0)

@@ -13,6 +13,7 @@ from qonnx.core.qtable import QuantState, Role
 from qonnx.errors import PreconditionError
 from qonnx.qat.interpreter import GraphModule
 from qonnx.qat.quantizers import ActQuantizer, BiasQuantizer, WeightQuantizer
+from qonnx.quantize.parameters import set_bias_params
 
 log = logging.getLogger(__name__)
 
@@ -100,8 +101,6 @@ class Student:
 def write_back(model: Model, student: Student) -> dict[str, int]:
     """Learned values into the IR: weights (as their dequantized codes), codes and step sizes (state ROUNDED),
     other trained parameters, activation step sizes (ties too), BatchNorm statistics; then int32 bias scales."""
-    from qonnx.passes.calibrate import set_bias_params
-
     tensors = model.tensors()
     table = model.quant
     module = student.module

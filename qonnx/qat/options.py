@@ -10,7 +10,7 @@ import dataclasses
 from dataclasses import dataclass
 
 from qonnx.errors import PreconditionError
-from qonnx.infra.pipeline import option
+from qonnx.infra.base import option
 
 
 @dataclass(frozen=True)

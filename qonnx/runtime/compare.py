@@ -5,14 +5,16 @@ from __future__ import annotations
 import numpy as np
 
 from qonnx.core.ir import Model
+from qonnx.data.calibration import CalibrationSet
 from qonnx.runtime.ort import make_session
 
 
-def sample_feed(model: Model, ctx, batch: int = 2) -> dict[str, np.ndarray]:
+def sample_feed(model: Model, calibration: CalibrationSet | None = None, seed: int = 0, batch: int = 2
+                ) -> dict[str, np.ndarray]:
     """Inputs to compare models on: a calibration batch if there is one, else seeded noise."""
-    if ctx is not None and getattr(ctx, "calibration", None) is not None:
-        return ctx.calibration.first_batch(batch)
-    rng = np.random.default_rng(ctx.seed if ctx is not None else 0)
+    if calibration is not None:
+        return calibration.first_batch(batch)
+    rng = np.random.default_rng(seed)
     feed = {}
     for tensor in model.inputs:
         dims = [d if isinstance(d, int) and d > 0 else (batch if i == 0 else 8)
@@ -27,9 +29,10 @@ def sample_feed(model: Model, ctx, batch: int = 2) -> dict[str, np.ndarray]:
     return feed
 
 
-def compare_float_models(before: Model, after: Model, ctx=None) -> float:
+def compare_float_models(before: Model, after: Model, calibration: CalibrationSet | None = None,
+                         seed: int = 0) -> float:
     """Largest output change relative to the output's magnitude, over all outputs."""
-    feed = sample_feed(before, ctx)
+    feed = sample_feed(before, calibration, seed)
     ref = make_session(before.to_bytes()).run(None, feed)
     new = make_session(after.to_bytes()).run(None, feed)
     worst = 0.0

@@ -21,7 +21,14 @@ import onnx
 import onnxruntime as ort
 
 log = logging.getLogger(__name__)
-ort.set_default_logger_severity(3)
+
+
+def quiet_ort_logging() -> None:
+    """Only errors from ORT's process-wide default logger (an application's choice: the CLI calls it).
+
+    Sessions made here set their own severity; this covers what ORT logs outside a session.
+    """
+    ort.set_default_logger_severity(3)
 
 
 def session_options(threads: int | None = None, level: str = "all", optimized_path: str | None = None,
@@ -127,7 +134,8 @@ def bound_heap_growth() -> None:
     glibc raises the threshold after large blocks are freed, so the per-batch activation buffers of a long
     streaming run end up in fragmented heap arenas: Lite0 calibration peaked at 1135 MB with 100 samples and
     1399 MB with 1000. With a fixed threshold large buffers are mapped and unmapped whole: 1062 and 1038 MB.
-    This is process-wide (mallopt has no narrower scope); it changes no result, only where memory comes from.
+    This is process-wide (mallopt has no narrower scope), so the library never calls it on its own: the CLI and
+    the bench worker do, once. It changes no result, only where memory comes from.
     """
     global _heap_bounded
     if _heap_bounded:
@@ -152,7 +160,6 @@ def stream_tensors(proto: onnx.ModelProto, names: Iterable[str], batches: Iterab
     both (Lite0 calibration: 1112 MB peak with 100 samples, 1392 MB with 1000; emptied, 841 and 832 MB).
     Arrays the caller keeps a reference to stay valid: only the dict lets go of them.
     """
-    bound_heap_growth()
     names = list(names)
     graph_inputs = {i.name for i in proto.graph.input}
     wanted = sorted({n for n in names if n not in graph_inputs})

@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 
 from qonnx.analyses.moments import clipped_gaussian_moments, gaussian_expectation, propagate_moments
-from qonnx.infra.manager import PassContext
-from qonnx.infra.pipeline import Pipeline
+from qonnx.infra.context import PassContext
+from qonnx.passes import parse_pipeline
 from tests.helpers import build_model, conv_bn_relu_conv, import_proto, randn, rng
 
 
@@ -50,7 +50,7 @@ def test_quadrature_of_other_activations_matches_numerical_integration(fn):
 # --------------------------------------------------------------------------- propagation
 def test_folded_bn_statistics_set_the_layer_output_moments():
     model = import_proto(conv_bn_relu_conv())
-    Pipeline.parse("fold-bn").passes[0].run(model, PassContext())
+    parse_pipeline("fold-bn").passes[0].run(model, PassContext())
     norm = model.folded_norms["n1"]
     moments = propagate_moments(model, (-1.0, 1.0))
     assert np.allclose(moments["n1"].mean, norm.beta) and np.allclose(moments["n1"].var, norm.gamma ** 2)

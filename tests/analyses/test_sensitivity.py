@@ -12,17 +12,18 @@ from qonnx.analyses.costs import PRECISIONS, compute_costs, find_units, layer_ma
 from qonnx.analyses.sensitivity import (
     SensitivityReport,
     SensitivitySettings,
-    UnitProbe,
     analyze_sensitivity,
     loss_target,
     quantized_weight,
 )
 from qonnx.data.calibration import open_calibration
 from qonnx.errors import PreconditionError
-from qonnx.infra.manager import PassContext, PassManager
-from qonnx.infra.pipeline import Pipeline
+from qonnx.infra.context import PassContext
+from qonnx.infra.manager import PassManager
 from qonnx.numerics.hessian import kl_divergence
+from qonnx.passes import parse_pipeline
 from qonnx.runtime.ort import make_session
+from qonnx.runtime.probe import UnitProbe
 from tests.helpers import (
     build_model,
     conv_pool_gemm,
@@ -63,7 +64,7 @@ def planned(proto: onnx.ModelProto, n: int = 32, seed: int = 0, plan: str = "pla
     model = import_proto(proto)
     calib = open_calibration(make_samples(proto, n, seed), model)
     ctx = PassContext(calibration=calib, seed=seed)
-    model, _ = PassManager(Pipeline.parse(f"canonicalize,{plan}")).run(model, ctx)
+    model, _ = PassManager(parse_pipeline(f"canonicalize,{plan}")).run(model, ctx)
     return model, ctx
 
 
@@ -203,8 +204,9 @@ def test_layer_macs_and_weight_bytes():
 
 
 def test_latency_microbenchmark_runs_each_layer_as_the_exporter_writes_it(ctx):
-    from qonnx.analyses.costs import _micro_model, layer_shapes, measure_latency_costs
-    from qonnx.export.qdq import fusion_report
+    from qonnx.analyses.costs import layer_shapes
+    from qonnx.export.micro import measure_latency_costs, micro_model
+    from qonnx.runtime.fusion import fusion_report
 
     model, mctx = planned(conv_pool_gemm())
     costs = compute_costs(model, mctx)
@@ -212,12 +214,12 @@ def test_latency_microbenchmark_runs_each_layer_as_the_exporter_writes_it(ctx):
     nodes = {n.name: n for n in model.nodes}
     conv = costs.units[0]
     layer, in_shape = nodes[conv.nodes[0]], shapes[conv.nodes[0]][0]
-    int8 = onnx.load_from_string(_micro_model(model, layer, conv, in_shape, "int8"))
+    int8 = onnx.load_from_string(micro_model(model, layer, conv, in_shape, "int8"))
     assert fusion_report(int8).integer_ops["QLinearConv"] == 1
-    int4 = onnx.load_from_string(_micro_model(model, layer, conv, in_shape, "int4"))
+    int4 = onnx.load_from_string(micro_model(model, layer, conv, in_shape, "int4"))
     assert {i.data_type for i in int4.graph.initializer} >= {onnx.TensorProto.INT4, onnx.TensorProto.UINT8}
     assert int4.opset_import[0].version == 21
-    flt = onnx.load_from_string(_micro_model(model, layer, conv, in_shape, "float"))
+    flt = onnx.load_from_string(micro_model(model, layer, conv, in_shape, "float"))
     conv_node = next(n for n in flt.graph.node if n.op_type == "Conv")
     assert conv_node.input[1] in {i.name for i in flt.graph.initializer}  # float weight, no DequantizeLinear
     latency = measure_latency_costs(model, mctx, costs, ("int4", "int8"))

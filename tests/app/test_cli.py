@@ -16,7 +16,7 @@ from click.testing import CliRunner
 from onnx import external_data_helper
 
 from qonnx.app.cli import main
-from qonnx.infra.pipeline import PRESETS, Pipeline, registry
+from qonnx.passes import PRESETS, REGISTRY, parse_pipeline
 from tests.helpers import (
     conv_bn_relu_conv,
     feed_for,
@@ -102,7 +102,7 @@ def test_optimize_with_preset_or_passes(work, args, pipeline):
     assert result.exit_code == 0, result.output
     assert f"pipeline: {pipeline}" in result.stdout
     meta = {p.key: p.value for p in onnx.load(str(work / "out.onnx")).metadata_props}
-    assert meta["qonnx.pipeline"] == Pipeline.parse(pipeline).canonical()
+    assert meta["qonnx.pipeline"] == parse_pipeline(pipeline).canonical()
 
 
 def test_optimize_data_free_needs_no_calibration_data(work):
@@ -396,7 +396,7 @@ def test_bad_pipelines(work, args, needles):
 def test_passes_lists_every_registered_pass(work):
     proc = run_cli(["passes"], work)
     assert proc.returncode == 0
-    for name, cls in registry().items():
+    for name, cls in REGISTRY.items():
         assert f"{name}: {cls.summary}" in proc.stdout
     assert "presets:" in proc.stdout and "w8a8" in proc.stdout
 

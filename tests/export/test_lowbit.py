@@ -12,9 +12,10 @@ from qonnx.core.qtable import Role
 from qonnx.errors import PreconditionError
 from qonnx.export.lowbit import pack_nbits_weight
 from qonnx.export.qdq import export_qdq
-from qonnx.infra.manager import PassContext, PassManager
-from qonnx.infra.pipeline import Pipeline
+from qonnx.infra.context import PassContext
+from qonnx.infra.manager import PassManager
 from qonnx.numerics.quant import QuantScheme, dequantize, expand_blocked, quantize
+from qonnx.passes import parse_pipeline
 from tests.helpers import (
     build_model,
     conv_bn_relu_conv,
@@ -41,7 +42,7 @@ def run_pipeline(proto, text, samples=None):
     ir = import_proto(proto)
     calib = open_calibration(samples, ir) if samples is not None else None
     ctx = PassContext(calibration=calib, seed=0)
-    ir, _ = PassManager(Pipeline.parse(text), []).run(ir, ctx)
+    ir, _ = PassManager(parse_pipeline(text), []).run(ir, ctx)
     return ir
 
 

@@ -10,8 +10,9 @@ from onnx import numpy_helper
 import qonnx
 from qonnx.errors import ExportError
 from qonnx.export.qdq import export_qdq
-from qonnx.infra.manager import PassContext, PassManager
-from qonnx.infra.pipeline import Pipeline
+from qonnx.infra.context import PassContext
+from qonnx.infra.manager import PassManager
+from qonnx.passes import parse_pipeline
 from qonnx.runtime.ort import optimized_graph
 from tests.helpers import (
     MODEL_BUILDERS,
@@ -315,7 +316,7 @@ def calibrated_ir(builder=conv_bn_relu_conv):
     model = builder()
     ir = import_proto(model)
     ctx = PassContext(calibration=open_calibration(make_samples(model, 8), ir), seed=0)
-    ir, _ = PassManager(Pipeline.parse("w8a8")).run(ir, ctx)
+    ir, _ = PassManager(parse_pipeline("w8a8")).run(ir, ctx)
     return ir
 
 
@@ -381,7 +382,7 @@ def test_metadata_says_how_to_reproduce():
     meta = {p.key: p.value for p in result.model.metadata_props}
     assert meta["qonnx.version"] == qonnx.__version__
     assert meta["qonnx.seed"] == "17"
-    assert meta["qonnx.pipeline"] == Pipeline.parse("w8a8-minmax").canonical()
+    assert meta["qonnx.pipeline"] == parse_pipeline("w8a8-minmax").canonical()
     assert result.model.producer_name == "qonnx"
 
 

@@ -17,11 +17,13 @@ from qonnx.data.calibration import open_calibration
 from qonnx.errors import ExportError, InputError
 from qonnx.export.int_only import export_int_only
 from qonnx.export.intref import IntegerReference
-from qonnx.export.qdq import export_qdq, fusion_report
+from qonnx.export.qdq import export_qdq
 from qonnx.export.qop import export_qop
-from qonnx.infra.manager import PassContext, PassManager
-from qonnx.infra.pipeline import Pipeline
+from qonnx.infra.context import PassContext
+from qonnx.infra.manager import PassManager
 from qonnx.numerics.quant import QuantScheme
+from qonnx.passes import parse_pipeline
+from qonnx.runtime.fusion import fusion_report
 from qonnx.runtime.ort import optimized_graph
 from tests.helpers import (
     MODEL_BUILDERS,
@@ -56,14 +58,14 @@ def optimized(name: str):
 
 def calibrated(model: onnx.ModelProto, edit=None):
     """A calibrated IR (plan, then calibrate); `edit(ir)` runs in between (to add table entries)."""
-    from qonnx.infra.pipeline import registry
+    from qonnx.passes import REGISTRY
 
     ir = import_proto(model)
     ctx = PassContext(calibration=open_calibration(make_samples(model, 16, seed=1), ir), seed=0)
-    ir, _ = PassManager(Pipeline.parse("canonicalize,fold-bn,plan")).run(ir, ctx)
+    ir, _ = PassManager(parse_pipeline("canonicalize,fold-bn,plan")).run(ir, ctx)
     if edit is not None:
         edit(ir)
-    return registry()["calibrate"]().run(ir, ctx).model
+    return REGISTRY["calibrate"]().run(ir, ctx).model
 
 
 def output_scale(proto: onnx.ModelProto, name: str) -> float:
@@ -278,7 +280,7 @@ def test_export_is_deterministic_and_leaves_the_ir_alone(exporter):
 def test_uncalibrated_and_unsupported_tables_are_refused(exporter):
     model = conv_pool_gemm()
     ir = import_proto(model)
-    ir, _ = PassManager(Pipeline.parse("canonicalize,fold-bn,plan")).run(ir, PassContext(seed=0))
+    ir, _ = PassManager(parse_pipeline("canonicalize,fold-bn,plan")).run(ir, PassContext(seed=0))
     with pytest.raises(ExportError, match="calibrat"):
         exporter(ir)
     ir = optimized("one_conv")[1].ir.copy()

@@ -14,8 +14,9 @@ from qonnx.core.qtable import QuantState, Role
 from qonnx.data.calibration import open_calibration
 from qonnx.errors import PreconditionError
 from qonnx.export.qdq import export_qdq
-from qonnx.infra.manager import PassContext, PassManager
-from qonnx.infra.pipeline import Pipeline
+from qonnx.infra.context import PassContext
+from qonnx.infra.manager import PassManager
+from qonnx.passes import parse_pipeline
 from qonnx.rounding.layer_blocks import ConvSpec, im2col
 from tests.helpers import (
     attention_like,
@@ -40,7 +41,7 @@ W4_ADAROUND = W4_RTN + ",adaround{iterations=2000}"
 def run(proto, text, n=64):
     ir = import_proto(proto)
     ctx = PassContext(calibration=open_calibration(make_samples(proto, n), ir), seed=0)
-    ir, records = PassManager(Pipeline.parse(text), []).run(ir, ctx)
+    ir, records = PassManager(parse_pipeline(text), []).run(ir, ctx)
     return ir, records
 
 
@@ -67,7 +68,7 @@ def test_local_search_after_hardening_lowers_the_layer_loss():
     assert searched.records[-1].stats["median_loss_vs_hardened"] < 1.0
     assert searched.records[-1].stats["median_loss_vs_nearest"] < plain.records[-1].stats["median_loss_vs_nearest"]
     with pytest.raises(Exception, match="search"):
-        Pipeline.parse("adaround{search=exhaustive}")
+        parse_pipeline("adaround{search=exhaustive}")
 
 
 def test_rounded_weights_keep_their_scale_and_export_their_codes_verbatim():
@@ -148,11 +149,11 @@ def test_time_budget_buys_every_layer_the_same_number_of_steps(monkeypatch):
 
 def test_ordering_rules_around_rounding():
     with pytest.raises(PreconditionError, match="calibrate.*AdaRound"):
-        Pipeline.parse("plan,calibrate,adaround,calibrate").validate(frozenset({"calibration-data"}))
-    warnings = Pipeline.parse("plan,calibrate,adaround,bias-correction").validate(frozenset({"calibration-data"}))
+        parse_pipeline("plan,calibrate,adaround,calibrate").validate(frozenset({"calibration-data"}))
+    warnings = parse_pipeline("plan,calibrate,adaround,bias-correction").validate(frozenset({"calibration-data"}))
     assert len(warnings) == 1 and "redundant" in warnings[0]
     with pytest.raises(PreconditionError, match="adaround.*calibrated"):
-        Pipeline.parse("plan,adaround").validate(frozenset({"calibration-data"}))
+        parse_pipeline("plan,adaround").validate(frozenset({"calibration-data"}))
 
 
 def test_weight_only_blocked_adaround_ends_in_matmul_nbits():

@@ -9,8 +9,8 @@ import qonnx
 from qonnx.data.calibration import open_calibration
 from qonnx.errors import PreconditionError
 from qonnx.export.qdq import export_qdq
-from qonnx.infra.manager import PassContext
-from qonnx.infra.pipeline import Pipeline
+from qonnx.infra.context import PassContext
+from qonnx.passes import parse_pipeline
 from qonnx.runtime.ort import make_session
 from tests.helpers import build_model, conv_bn_relu_conv, import_proto, make_samples, randn, rng
 
@@ -18,7 +18,7 @@ from tests.helpers import build_model, conv_bn_relu_conv, import_proto, make_sam
 def run(model, spec: str, data):
     ctx = PassContext(calibration=open_calibration(data, model), seed=0)
     results = []
-    for p in Pipeline.parse(spec):
+    for p in parse_pipeline(spec):
         result = p.run(model, ctx)
         model = result.model
         results.append(result)
@@ -93,18 +93,18 @@ def test_bias_correction_is_idempotent():
     ir, results, ctx = run(import_proto(model), "plan{per_channel=false},calibrate,bias-correction", data)
     assert results[-1].modified is True
     first = ir.constant_value(ir.tensors()["b"]).copy()
-    (again,) = Pipeline.parse("bias-correction").passes
+    (again,) = parse_pipeline("bias-correction").passes
     assert again.run(ir, ctx).modified is False  # the stored correction is replaced, never stacked
     assert np.array_equal(ir.constant_value(ir.tensors()["b"]), first)
 
 
 def test_bias_correction_after_rounding_is_warned_about_not_refused(caplog):
-    p = Pipeline.parse("bias-correction")
+    p = parse_pipeline("bias-correction")
     with caplog.at_level("WARNING"):
         warnings = p.validate(frozenset({"calibration-data", "calibrated", "rounded"}))
     assert len(warnings) == 1 and "bias-correction" in warnings[0] and "AdaRound" in warnings[0]
     assert "redundant" in caplog.text
-    assert Pipeline.parse("bias-correction").validate(frozenset({"calibration-data", "calibrated"})) == []
+    assert parse_pipeline("bias-correction").validate(frozenset({"calibration-data", "calibrated"})) == []
 
 
 
@@ -113,11 +113,11 @@ def test_bias_correction_after_rounding_is_warned_about_not_refused(caplog):
 def test_analytic_bias_correction_moves_the_bias_by_the_expected_shift_and_is_idempotent():
     model = import_proto(conv_bn_relu_conv())
     ctx = PassContext()
-    for p in Pipeline.parse("fold-bn,plan{per_channel=false},estimate-ranges"):
+    for p in parse_pipeline("fold-bn,plan{per_channel=false},estimate-ranges"):
         p.run(model, ctx)
     bias_name = model.quant.layers[next(n for n in model.quant.layers if model.quant.layers[n].input == "r1")].bias
     before = model.constant_value(model.tensors()[bias_name]).copy()
-    bc = Pipeline.parse("bias-correction{mode=analytic}").passes[0]
+    bc = parse_pipeline("bias-correction{mode=analytic}").passes[0]
     first = bc.run(model, ctx)
     assert first.modified and first.stats["mode"] == "analytic"
     shift = model.quant.get(bias_name).correction
@@ -126,6 +126,6 @@ def test_analytic_bias_correction_moves_the_bias_by_the_expected_shift_and_is_id
 
 
 def test_analytic_bias_correction_needs_no_data_but_empirical_does():
-    Pipeline.parse("plan,estimate-ranges,bias-correction{mode=analytic}").validate(frozenset())
+    parse_pipeline("plan,estimate-ranges,bias-correction{mode=analytic}").validate(frozenset())
     with pytest.raises(PreconditionError, match="calibration-data"):
-        Pipeline.parse("plan,estimate-ranges,bias-correction").validate(frozenset())
+        parse_pipeline("plan,estimate-ranges,bias-correction").validate(frozenset())

@@ -5,8 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from qonnx.infra.manager import PassContext
-from qonnx.infra.pipeline import Pipeline, registry
+from qonnx.infra.context import PassContext
+from qonnx.passes import REGISTRY, parse_pipeline
 from tests.helpers import (
     build_model,
     conv_bn_relu_conv,
@@ -27,7 +27,7 @@ RTOL, ATOL = 1e-5, 1e-6
 
 
 def canonicalize(model):
-    return registry()["canonicalize"]().run(model, PassContext(seed=0))
+    return REGISTRY["canonicalize"]().run(model, PassContext(seed=0))
 
 
 def conv_node(model):
@@ -351,7 +351,7 @@ def test_noop_cast_is_dropped_and_a_real_cast_is_kept():
         z = Cast <to = 11> (y)
     }""", {"w": randn(g, 4, 3), "b": randn(g, 3)})
     ir = import_proto(model)
-    (p,) = Pipeline.parse("canonicalize").passes
+    (p,) = parse_pipeline("canonicalize").passes
     result = p.run(ir, PassContext())
     ops = [n.op for n in result.model.nodes]
     assert result.modified is True
@@ -375,7 +375,7 @@ def test_batch_size_shape_chain_before_reshape_becomes_a_constant_target():
         y = Reshape (r, target)
     }""")
     ir = import_proto(model)
-    (p,) = Pipeline.parse("canonicalize").passes
+    (p,) = parse_pipeline("canonicalize").passes
     feed = {"x": randn(rng(1), 3, 4, 2, 2)}
     before = run_ort(model, feed)[0]
     result = p.run(ir, PassContext())
@@ -459,7 +459,7 @@ def test_nhwc_round_trips_cancel_and_leave_a_plain_nchw_chain():
     assert list(depthwise.attrs["pads"]) == [1, 1, 1, 1]  # the NHWC Pad, permuted, became the Conv's pads
     assert_same_outputs(model, result.model, batch=2)
     assert canonicalize(result.model).modified is False
-    folded = registry()["fold-bn"]().run(result.model, PassContext())
+    folded = REGISTRY["fold-bn"]().run(result.model, PassContext())
     assert folded.stats["affine_chains_folded"] == 1 and "Sub" not in op_counts(folded.model)
     assert_same_outputs(model, folded.model, batch=2)
 

@@ -9,8 +9,9 @@ from onnx import numpy_helper
 import qonnx
 from qonnx.analyses.chains import find_chains
 from qonnx.errors import PreconditionError
-from qonnx.infra.manager import PassContext, PassManager
-from qonnx.infra.pipeline import Pipeline, registry
+from qonnx.infra.context import PassContext
+from qonnx.infra.manager import PassManager
+from qonnx.passes import REGISTRY, parse_pipeline
 from qonnx.passes.cle import in_ranges, out_ranges
 from tests.helpers import (
     build_model,
@@ -29,7 +30,7 @@ from tests.helpers import (
 
 
 def cle(model, **options):
-    cls = registry()["cle"]
+    cls = REGISTRY["cle"]
     return cls(cls.Options(**options)).run(model, PassContext(seed=0))
 
 
@@ -175,7 +176,7 @@ def test_structure(builder, pairs, triplets):
 def test_mobilenet_block_after_relu6_to_relu_is_one_triplet():
     model = import_proto(depthwise_block())
     assert cle(model.copy(), clips="stop").modified is False  # Clip(0, 6) is not homogeneous: no chain
-    registry()["relu6-to-relu"]().run(model, PassContext())
+    REGISTRY["relu6-to-relu"]().run(model, PassContext())
     result = cle(model, clips="stop")
     assert result.modified is True and result.stats["triplets"] == 1
 
@@ -311,7 +312,7 @@ def test_chain_converges_to_equal_ranges_on_every_link():
 
 def test_folded_bn_statistics_follow_the_scales():
     model = import_proto(conv_bn_relu_conv())
-    registry()["fold-bn"]().run(model, PassContext())
+    REGISTRY["fold-bn"]().run(model, PassContext())
     norm = model.folded_norms["n1"]
     gamma, beta = norm.gamma.copy(), norm.beta.copy()
     w_before = model.constant_value(layer(model, "w1").inputs[1]).astype(np.float64)
@@ -483,21 +484,21 @@ def test_cle_refuses_a_calibrated_model():
     from qonnx.data.calibration import open_calibration
 
     ctx = PassContext(seed=0, calibration=open_calibration(make_samples(original, 8), model, None))
-    model, _ = PassManager(Pipeline.parse("fold-bn,plan,calibrate")).run(model, ctx)
+    model, _ = PassManager(parse_pipeline("fold-bn,plan,calibrate")).run(model, ctx)
     with pytest.raises(PreconditionError, match="cle"):
         cle(model)
 
 
 def test_validation_rejects_cle_after_calibrate():
     with pytest.raises(PreconditionError, match="'cle'") as info:
-        Pipeline.parse("plan,calibrate,cle").validate(frozenset({"calibration-data"}))
+        parse_pipeline("plan,calibrate,cle").validate(frozenset({"calibration-data"}))
     assert "before calibrate" in str(info.value)
 
 
 def test_full_data_free_prefix_runs_through_optimize():
     text = "canonicalize,fold-bn,relu6-to-relu,cle,plan,calibrate"
-    pipe = Pipeline.parse(text)
-    assert str(Pipeline.parse(str(pipe))) == text
+    pipe = parse_pipeline(text)
+    assert str(parse_pipeline(str(pipe))) == text
     pipe.validate(frozenset({"calibration-data"}))
     original = depthwise_block()
     result = qonnx.optimize(original, make_samples(original, 16, seed=2), pipeline=text, holdout=0)
@@ -510,9 +511,9 @@ def test_full_data_free_prefix_runs_through_optimize():
 
 
 def test_option_round_trip():
-    pipe = Pipeline.parse("cle{iterations=5,tolerance=1e-06}")
+    pipe = parse_pipeline("cle{iterations=5,tolerance=1e-06}")
     assert pipe.passes[0].options.iterations == 5 and pipe.passes[0].options.tolerance == 1e-6
-    assert str(Pipeline.parse(str(pipe))) == str(pipe)
+    assert str(parse_pipeline(str(pipe))) == str(pipe)
 
 
 def test_quantized_per_channel_bounds_share_parameters_and_stay_close():

@@ -10,7 +10,7 @@ from onnx import numpy_helper
 import qonnx
 from qonnx.analyses.chains import activation_output, find_chains
 from qonnx.errors import PreconditionError
-from qonnx.infra.pipeline import Pipeline
+from qonnx.passes import parse_pipeline
 from qonnx.passes.cle import statistics_needed
 from tests.helpers import build_model, feed_for, import_proto, make_samples, randn, rng, run_ort, sqnr
 from tests.passes.test_cle import NUMERIC_CASES, conv_relu_conv, imbalanced
@@ -89,15 +89,15 @@ def test_pooled_pairs_take_the_activation_range_before_the_pool():
 # --------------------------------------------------------------------------- negative cases
 def test_noise_objective_needs_calibration_data():
     with pytest.raises(PreconditionError, match="calibration"):
-        Pipeline.parse(NOISE).validate(frozenset())
-    Pipeline.parse("cle").validate(frozenset())  # the range objective stays data-free
+        parse_pipeline(NOISE).validate(frozenset())
+    parse_pipeline("cle").validate(frozenset())  # the range objective stays data-free
 
 
 def test_objective_option_round_trips_and_rejects_unknown_values():
-    pipe = Pipeline.parse("cle{objective=noise,samples=32}")
-    assert str(Pipeline.parse(str(pipe))) == str(pipe)
+    pipe = parse_pipeline("cle{objective=noise,samples=32}")
+    assert str(parse_pipeline(str(pipe))) == str(pipe)
     with pytest.raises(Exception, match="objective"):
-        Pipeline.parse("cle{objective=loudness}")
+        parse_pipeline("cle{objective=loudness}")
 
 
 def quiet_clipped_channel(seed=61):
@@ -141,7 +141,7 @@ def test_moments_need_no_data_keep_the_float_model_and_settle(name):
 
     builders = {"bn": conv_bn_relu_conv, "quiet_clipped_channel": quiet_clipped_channel}
     original = builders.get(name, NUMERIC_CASES.get(name))()
-    Pipeline.parse(MOMENTS).validate(frozenset())  # no calibration data needed
+    parse_pipeline(MOMENTS).validate(frozenset())  # no calibration data needed
     result = qonnx.optimize(original, None, pipeline=f"canonicalize,fold-bn,{MOMENTS},{MOMENTS}")
     first, second = (r for r in result.records if r.name == "cle")
     assert first.modified is True and first.stats["pairs"] >= 1
@@ -200,16 +200,16 @@ def test_a_group_reading_a_tensor_with_no_estimate_gets_range_equalization(depth
 def test_moments_option_checks():
     # Refused when the pipeline is read, before any pass runs.
     with pytest.raises(PreconditionError, match="objective=noise"):
-        Pipeline.parse("canonicalize,cle{statistics=moments}")
+        parse_pipeline("canonicalize,cle{statistics=moments}")
     with pytest.raises(PreconditionError, match="input_range"):
-        Pipeline.parse("cle{objective=noise,statistics=moments,input_range=[1;-1]}")
+        parse_pipeline("cle{objective=noise,statistics=moments,input_range=[1;-1]}")
     # CLE and estimate-ranges must assume the same input range, or the two estimates disagree.
     with pytest.raises(PreconditionError, match="different input ranges"):
-        Pipeline.parse("cle{objective=noise,statistics=moments,input_range=[0.0;255.0]},plan,"
+        parse_pipeline("cle{objective=noise,statistics=moments,input_range=[0.0;255.0]},plan,"
                        "estimate-ranges").validate(frozenset())
-    Pipeline.parse("cle{objective=noise,statistics=moments,input_range=[0.0;255.0]},plan,"
+    parse_pipeline("cle{objective=noise,statistics=moments,input_range=[0.0;255.0]},plan,"
                    "estimate-ranges{input_range=[0.0;255.0]}").validate(frozenset())
-    Pipeline.parse("dfq-pertensor").validate(frozenset())
-    Pipeline.parse("cle{input_range=[0.0;255.0]},plan,estimate-ranges").validate(frozenset())  # ranges: no data
-    pipe = Pipeline.parse("cle{objective=noise,statistics=moments,input_range=[0.0;1.0],width=6.0}")
-    assert str(Pipeline.parse(str(pipe))) == str(pipe)
+    parse_pipeline("dfq-pertensor").validate(frozenset())
+    parse_pipeline("cle{input_range=[0.0;255.0]},plan,estimate-ranges").validate(frozenset())  # ranges: no data
+    pipe = parse_pipeline("cle{objective=noise,statistics=moments,input_range=[0.0;1.0],width=6.0}")
+    assert str(parse_pipeline(str(pipe))) == str(pipe)

@@ -10,8 +10,8 @@ import qonnx
 from qonnx.data.calibration import open_calibration
 from qonnx.export.qdq import export_qdq
 from qonnx.export.qop import export_qop
-from qonnx.infra.manager import PassContext
-from qonnx.infra.pipeline import Pipeline
+from qonnx.infra.context import PassContext
+from qonnx.passes import parse_pipeline
 from tests.helpers import build_model, import_proto, op_counts, rng, run_ort
 
 VOCAB, DIM = 600, 128  # 76,800 elements: above the default min_elements
@@ -52,7 +52,7 @@ def ids_feed(n: int = 4, s: int = 12, seed: int = 0, vocab: int = VOCAB) -> dict
 def run(model, spec: str, data=None):
     ctx = PassContext(calibration=open_calibration(data, model) if data else None, seed=0)
     results = []
-    for p in Pipeline.parse(spec):
+    for p in parse_pipeline(spec):
         result = p.run(model, ctx)
         model = result.model
         results.append(result)
@@ -114,9 +114,9 @@ def test_embeddings_is_idempotent_and_survives_replanning():
     data = ids_feed(8)
     ir, results = run(import_proto(model), "plan,embeddings,calibrate", data)
     assert len(ir.quant.gathers) == 1 and ir.quant.layers
-    (again,) = Pipeline.parse("embeddings").passes
+    (again,) = parse_pipeline("embeddings").passes
     assert again.run(ir, None).modified is False
-    (plan,) = Pipeline.parse("plan").passes
+    (plan,) = parse_pipeline("plan").passes
     plan.run(ir, None)
     assert len(ir.quant.gathers) == 1  # plan's clear() forgets plan's decisions only
 
@@ -161,8 +161,8 @@ def test_qop_export_of_a_planned_model_keeps_the_lookup_and_the_layers():
 
 
 def test_a_lookup_table_for_a_missing_gather_is_an_error_not_a_silent_float():
-    from qonnx.errors import ExportError
-    from qonnx.infra.manager import StructuralVerifier, VerificationError
+    from qonnx.errors import ExportError, VerificationError
+    from qonnx.infra.instruments import StructuralVerifier
 
     ir, results = run(import_proto(embedder()), "embeddings")
     ir.quant.gathers["no_such_gather"] = ir.quant.gathers.popitem()[1]
@@ -170,7 +170,7 @@ def test_a_lookup_table_for_a_missing_gather_is_an_error_not_a_silent_float():
         with pytest.raises(ExportError, match="no_such_gather"):
             exporter(ir)
     with pytest.raises(VerificationError, match="no_such_gather"):
-        StructuralVerifier().after_pass(Pipeline.parse("embeddings").passes[0], None, ir, None, None)
+        StructuralVerifier().after_pass(parse_pipeline("embeddings").passes[0], None, ir, None, None)
 
 
 def test_float16_and_non_finite_tables_stay_float():

@@ -10,8 +10,8 @@ from qonnx.app.api import evaluate_fidelity
 from qonnx.core.qtable import QuantState, Role
 from qonnx.data.calibration import open_calibration
 from qonnx.errors import PreconditionError
-from qonnx.infra.manager import PassContext
-from qonnx.infra.pipeline import Pipeline
+from qonnx.infra.context import PassContext
+from qonnx.passes import parse_pipeline
 from tests.helpers import build_model, conv_bn_relu_conv, depthwise_block, import_proto, randn, rng
 
 
@@ -19,7 +19,7 @@ from tests.helpers import build_model, conv_bn_relu_conv, depthwise_block, impor
 def test_estimate_ranges_calibrates_every_tensor_without_data():
     model = import_proto(conv_bn_relu_conv())
     ctx = PassContext()
-    for p in Pipeline.parse("fold-bn,plan,estimate-ranges"):
+    for p in parse_pipeline("fold-bn,plan,estimate-ranges"):
         result = p.run(model, ctx)
     table = model.quant
     assert table.layers and all(e.state is QuantState.CALIBRATED for e in table.tensors.values())
@@ -36,7 +36,7 @@ def test_estimate_ranges_keeps_layers_with_unknown_inputs_float():
         y = Gemm <transB = 1> (s, w, b)
     }""", {"w": randn(g, 3, 4), "b": randn(g, 3)}))
     ctx = PassContext()
-    for p in Pipeline.parse("plan,estimate-ranges"):
+    for p in parse_pipeline("plan,estimate-ranges"):
         result = p.run(model, ctx)
     assert result.stats["layers_kept_float"] == 1
     assert "no data-free range estimate" in next(iter(model.quant.kept_float.values()))
@@ -47,7 +47,7 @@ def test_estimate_ranges_rejects_a_bad_input_range():
     with pytest.raises(PreconditionError, match="input_range"):
         model = import_proto(conv_bn_relu_conv())
         ctx = PassContext()
-        for p in Pipeline.parse("plan,estimate-ranges{input_range=[1.0;-1.0]}"):
+        for p in parse_pipeline("plan,estimate-ranges{input_range=[1.0;-1.0]}"):
             p.run(model, ctx)
 
 
@@ -102,7 +102,7 @@ def test_per_channel_min_bounds_left_by_cle_are_estimated():
 def _estimate(model, text="plan,estimate-ranges"):
     ctx = PassContext()
     result = None
-    for p in Pipeline.parse(text):
+    for p in parse_pipeline(text):
         result = p.run(model, ctx)
     return result
 

@@ -5,8 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from qonnx.infra.manager import PassContext
-from qonnx.infra.pipeline import registry
+from qonnx.infra.context import PassContext
+from qonnx.passes import REGISTRY
 from tests.helpers import (
     bn_params,
     build_model,
@@ -21,7 +21,7 @@ from tests.helpers import (
 
 
 def fold(model):
-    return registry()["fold-bn"]().run(model, PassContext(seed=0))
+    return REGISTRY["fold-bn"]().run(model, PassContext(seed=0))
 
 
 def assert_fold_exact(original, folded_model, batch=2):

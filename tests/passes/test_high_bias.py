@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from qonnx.infra.manager import PassContext
-from qonnx.infra.pipeline import Pipeline
+from qonnx.infra.context import PassContext
+from qonnx.passes import parse_pipeline
 from tests.helpers import (
     bn_params,
     build_model,
@@ -20,7 +20,7 @@ from tests.helpers import (
 
 def run(model, spec: str):
     ctx, result = PassContext(), None
-    for p in Pipeline.parse(spec):
+    for p in parse_pipeline(spec):
         result = p.run(model, ctx)
     return result
 
@@ -131,4 +131,4 @@ def test_must_run_before_calibrate():
     from qonnx.errors import PreconditionError
 
     with pytest.raises(PreconditionError, match="high-bias-absorption"):
-        Pipeline.parse("plan,estimate-ranges,high-bias-absorption").validate(frozenset())
+        parse_pipeline("plan,estimate-ranges,high-bias-absorption").validate(frozenset())

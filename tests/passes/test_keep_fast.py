@@ -6,8 +6,8 @@ import pytest
 
 import qonnx.passes.keep_fast as keep_fast
 from qonnx.data.calibration import open_calibration
-from qonnx.infra.manager import PassContext
-from qonnx.infra.pipeline import Pipeline
+from qonnx.infra.context import PassContext
+from qonnx.passes import parse_pipeline
 from qonnx.runtime.ort import Latency
 from tests.helpers import conv_bn_relu_conv, import_proto, make_samples
 
@@ -15,7 +15,7 @@ from tests.helpers import conv_bn_relu_conv, import_proto, make_samples
 def planned(model, data):
     ir = import_proto(model)
     ctx = PassContext(calibration=open_calibration(data, ir), seed=0)
-    for p in Pipeline.parse("canonicalize,fold-bn,plan,calibrate"):
+    for p in parse_pipeline("canonicalize,fold-bn,plan,calibrate"):
         ir = p.run(ir, ctx).model
     return ir, ctx
 
@@ -39,7 +39,7 @@ def run_with(monkeypatch, ir, ctx, ratio):
 
     monkeypatch.setattr(keep_fast, "measure_latency", fake_measure)
     monkeypatch.setattr(keep_fast, "export_qdq", tracking_export)
-    (p,) = Pipeline.parse("keep-fast{seconds=0}").passes
+    (p,) = parse_pipeline("keep-fast{seconds=0}").passes
     return p.run(ir, ctx)
 
 
@@ -57,7 +57,7 @@ def test_int8_slower_everywhere_keeps_the_model_float_and_says_why(monkeypatch, 
     assert result.modified is True and not ir.quant.layers
     assert all("keep-fast" in reason for reason in ir.quant.kept_float.values())
     # idempotence: nothing left to decide
-    (again,) = Pipeline.parse("keep-fast{seconds=0}").passes
+    (again,) = parse_pipeline("keep-fast{seconds=0}").passes
     assert again.run(ir, ctx).modified is False
 
 
@@ -86,7 +86,7 @@ def test_int8_wins_once_small_layers_are_float(monkeypatch, model_and_ctx):
 
 def test_real_measurement_on_a_tiny_model_never_returns_a_slower_model(model_and_ctx):
     ir, ctx = model_and_ctx
-    (p,) = Pipeline.parse("keep-fast{seconds=0.2}").passes
+    (p,) = parse_pipeline("keep-fast{seconds=0.2}").passes
     result = p.run(ir, ctx)
     assert result.stats["int8_vs_fp32"] <= 1.0 or result.stats["int8_vs_fp32"] is None
 

@@ -13,9 +13,11 @@ from qonnx.core.qtable import Role
 from qonnx.data.calibration import open_calibration
 from qonnx.errors import PipelineParseError, PreconditionError
 from qonnx.export.qdq import export_qdq
-from qonnx.infra.manager import PassContext, PassManager, StructuralVerifier
-from qonnx.infra.pipeline import Pipeline
+from qonnx.infra.context import PassContext
+from qonnx.infra.instruments import StructuralVerifier
+from qonnx.infra.manager import PassManager
 from qonnx.numerics.ilp import InfeasibleBudget
+from qonnx.passes import parse_pipeline
 from qonnx.passes.mixed_precision import (
     FLOAT_REASON,
     apply_choice,
@@ -30,7 +32,7 @@ def run(proto: onnx.ModelProto, text: str, n: int = 32, seed: int = 0, model=Non
     model = model if model is not None else import_proto(proto)
     if ctx is None:
         ctx = PassContext(calibration=open_calibration(make_samples(proto, n, seed), model), seed=seed)
-    model, records = PassManager(Pipeline.parse(text), [StructuralVerifier()]).run(model, ctx)
+    model, records = PassManager(parse_pipeline(text), [StructuralVerifier()]).run(model, ctx)
     return model, records, ctx
 
 
@@ -177,7 +179,7 @@ def test_float_choice_replans_the_layer_as_excluded():
     proto = sensitive_classifier()
     model, _, ctx = run(proto, "canonicalize,plan")
     units = find_units(model)
-    apply_choice(model, ctx, units, {"w1": "float", "w2": "int4"})
+    apply_choice(model, units, {"w1": "float", "w2": "int4"})
     assert all(reason == FLOAT_REASON for reason in model.quant.kept_float.values())
     assert set(model.quant.kept_float) == set(units[0].nodes)
     assert bits(model) == {"w2": 4}
@@ -219,7 +221,7 @@ def test_ordering_rules_and_requirements():
     proto = four_layer_mlp()
     model = import_proto(proto)
     with pytest.raises(PreconditionError, match="calibration-data"):
-        PassManager(Pipeline.parse("plan,mixed-precision{size=0.5}")).run(model, PassContext())
+        PassManager(parse_pipeline("plan,mixed-precision{size=0.5}")).run(model, PassContext())
 
 
 # ------------------------------------------------------------------------------------------ idempotence
@@ -228,7 +230,7 @@ def test_second_run_changes_nothing(options):
     proto = sensitive_classifier()
     model, _, ctx = run(proto, f"canonicalize,plan,mixed-precision{{{options}}}")
     first = (bits(model), dict(model.quant.kept_float))
-    result = Pipeline.parse(f"mixed-precision{{{options}}}").passes[0].run(model, ctx)
+    result = parse_pipeline(f"mixed-precision{{{options}}}").passes[0].run(model, ctx)
     assert result.modified is False
     assert (bits(model), dict(model.quant.kept_float)) == first
 
@@ -270,11 +272,11 @@ def test_lite0_halfway_budget_ilp_is_no_worse_than_the_baselines():
     model = load_model(folder / "model.onnx")
     calib = open_calibration(folder / "calib.npz", model).head(8)
     ctx = PassContext(calibration=calib, seed=0)
-    model, _ = PassManager(Pipeline.parse("canonicalize,fold-bn,plan")).run(model, ctx)
+    model, _ = PassManager(parse_pipeline("canonicalize,fold-bn,plan")).run(model, ctx)
     results = {}
     for strategy in ("ilp", "greedy", "random"):
         candidate = model.copy()
-        p = Pipeline.parse(f"mixed-precision{{size=0.5,samples=4,strategy={strategy}}}").passes[0]
+        p = parse_pipeline(f"mixed-precision{{size=0.5,samples=4,strategy={strategy}}}").passes[0]
         results[strategy] = p.run(candidate, ctx).stats  # the sensitivity is computed once, then cached
     ilp = results["ilp"]
     assert ilp["layers"] == 50 and ilp["int4"] > 0 and ilp["int8"] > 0 and ilp["optimal"]

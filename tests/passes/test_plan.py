@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 
 from qonnx.core.qtable import Role
-from qonnx.infra.manager import PassContext
-from qonnx.infra.pipeline import Pipeline, registry
+from qonnx.infra.context import PassContext
+from qonnx.passes import REGISTRY, parse_pipeline
 from tests.helpers import (
     attention_like,
     build_model,
@@ -25,16 +25,16 @@ UINT8_ASYM = dict(bits=8, signed=False, symmetric=False, axis=None)
 
 
 def plan(model, spec: str = "plan"):
-    (p,) = Pipeline.parse(spec).passes
+    (p,) = parse_pipeline(spec).passes
     return p.run(model, PassContext(seed=0))
 
 
 def prepared(builder, *args, fold: bool = True):
     model = import_proto(builder(*args))
     ctx = PassContext(seed=0)
-    model = registry()["canonicalize"]().run(model, ctx).model
+    model = REGISTRY["canonicalize"]().run(model, ctx).model
     if fold:
-        model = registry()["fold-bn"]().run(model, ctx).model
+        model = REGISTRY["fold-bn"]().run(model, ctx).model
     return model
 
 

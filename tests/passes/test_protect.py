@@ -8,8 +8,8 @@ import pytest
 import qonnx
 from qonnx.data.calibration import open_calibration
 from qonnx.errors import PreconditionError
-from qonnx.infra.manager import PassContext
-from qonnx.infra.pipeline import Pipeline
+from qonnx.infra.context import PassContext
+from qonnx.passes import parse_pipeline
 from qonnx.runtime.ort import make_session
 from tests.helpers import build_model, conv_bn_relu_conv, import_proto, make_samples, randn, rng
 
@@ -17,7 +17,7 @@ from tests.helpers import build_model, conv_bn_relu_conv, import_proto, make_sam
 def run(model, spec: str, data):
     ctx = PassContext(calibration=open_calibration(data, model), seed=0)
     results = []
-    for p in Pipeline.parse(spec):
+    for p in parse_pipeline(spec):
         result = p.run(model, ctx)
         model = result.model
         results.append(result)
@@ -102,7 +102,7 @@ def test_protect_leaves_well_quantized_layers_alone_and_is_idempotent():
     model = conv_bn_relu_conv()
     ir, results, ctx = run(import_proto(model), "canonicalize,fold-bn,plan,calibrate,protect", make_samples(model, 32))
     assert results[-1].modified is False and results[-1].stats["protected"] == 0
-    (again,) = Pipeline.parse("protect").passes
+    (again,) = parse_pipeline("protect").passes
     assert again.run(ir, ctx).modified is False
 
 
@@ -130,7 +130,7 @@ def test_protect_dynamic_fallback_runs_as_dynamic_quantize_matmul():
 
 def test_per_run_matmuls_survive_a_later_replan():
     """keep-fast re-plans with more layers excluded: protect's per-run MatMuls must stay per run."""
-    from qonnx.passes.plan import replan_excluding
+    from qonnx.quantize.planning import replan_excluding
 
     model, data = outlier_mlp(), outlier_data()
     sqnrs = _input_sqnrs(model, data)
@@ -139,7 +139,7 @@ def test_per_run_matmuls_survive_a_later_replan():
     per_run = dict(ir.quant.dynamic)
     assert len(per_run) == 1 and len(ir.quant.layers) == 1
     (other,) = [name for name in ir.quant.layers]
-    replan_excluding(ir, ctx, {other: "measured slower (test)"})
+    replan_excluding(ir, {other: "measured slower (test)"})
     assert set(ir.quant.dynamic) == set(per_run) and not ir.quant.layers
 
 

@@ -9,13 +9,13 @@ from onnx import helper, numpy_helper
 
 from qonnx.core.ir import Model
 from qonnx.errors import PreconditionError
-from qonnx.infra.manager import PassContext
-from qonnx.infra.pipeline import Pipeline, registry
+from qonnx.infra.context import PassContext
+from qonnx.passes import REGISTRY, parse_pipeline
 from tests.helpers import build_model, depthwise_block, feed_for, import_proto, op_counts, randn, rng, run_ort
 
 
 def relu6(model, **options):
-    cls = registry()["relu6-to-relu"]
+    cls = REGISTRY["relu6-to-relu"]
     return cls(cls.Options(**options)).run(model, PassContext(seed=0))
 
 
@@ -113,7 +113,7 @@ def test_outputs_unchanged_where_activations_stay_below_six():
 def test_pass_is_approximate_and_equals_relu():
     original = conv_clip(scale=3.0)  # many pre-activations above 6
     result = relu6(import_proto(original))
-    assert registry()["relu6-to-relu"].exact is False
+    assert REGISTRY["relu6-to-relu"].exact is False
     feed = feed_for(original, seed=4)
     ref, new = run_ort(original, feed)[0], run_ort(result.model.to_onnx(), feed)[0]
     assert float(np.max(new)) > 6.0 and float(np.max(ref)) <= 6.0
@@ -174,12 +174,12 @@ def test_second_run_changes_nothing():
 
 def test_relu6_to_relu_must_come_before_calibrate():
     with pytest.raises(PreconditionError, match="relu6-to-relu"):
-        Pipeline.parse("plan,calibrate,relu6-to-relu").validate(frozenset({"calibration-data"}))
-    Pipeline.parse("relu6-to-relu,cle,plan,calibrate").validate(frozenset({"calibration-data"}))
+        parse_pipeline("plan,calibrate,relu6-to-relu").validate(frozenset({"calibration-data"}))
+    parse_pipeline("relu6-to-relu,cle,plan,calibrate").validate(frozenset({"calibration-data"}))
 
 
 def test_option_round_trip():
     for text in ("relu6-to-relu", "relu6-to-relu{upper=None}", "relu6-to-relu{upper=1.0}"):
-        pipe = Pipeline.parse(text)
-        assert str(Pipeline.parse(str(pipe))) == str(pipe) == text
-    assert Pipeline.parse("relu6-to-relu{upper=none}").passes[0].options.upper is None
+        pipe = parse_pipeline(text)
+        assert str(parse_pipeline(str(pipe))) == str(pipe) == text
+    assert parse_pipeline("relu6-to-relu{upper=none}").passes[0].options.upper is None

@@ -8,8 +8,8 @@ import pytest
 import qonnx
 from qonnx.data.calibration import open_calibration
 from qonnx.errors import PreconditionError
-from qonnx.infra.manager import PassContext
-from qonnx.infra.pipeline import Pipeline
+from qonnx.infra.context import PassContext
+from qonnx.passes import parse_pipeline
 from qonnx.runtime.ort import make_session
 from tests.helpers import build_model, import_proto, randn, rng
 
@@ -36,7 +36,7 @@ def outlier_channel_data(n: int = 64, seed: int = 0) -> dict[str, np.ndarray]:
 def smooth(model, data, spec: str = "smooth{min_sqnr=40}"):
     ir = import_proto(model)
     ctx = PassContext(calibration=open_calibration(data, ir), seed=0)
-    (p,) = Pipeline.parse(spec).passes
+    (p,) = parse_pipeline(spec).passes
     return ir, p.run(ir, ctx), ctx, p
 
 
@@ -76,4 +76,4 @@ def test_smooth_leaves_well_conditioned_inputs_alone_and_is_idempotent():
 
 def test_smooth_after_plan_is_refused():
     with pytest.raises(PreconditionError, match="smooth"):
-        Pipeline.parse("plan,smooth").validate(frozenset({"calibration-data"}))
+        parse_pipeline("plan,smooth").validate(frozenset({"calibration-data"}))

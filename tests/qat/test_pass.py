@@ -16,8 +16,9 @@ from qonnx.app.cli import main  # noqa: E402
 from qonnx.core.qtable import QuantState, Role  # noqa: E402
 from qonnx.data.calibration import open_calibration  # noqa: E402
 from qonnx.errors import InputError, PreconditionError  # noqa: E402
-from qonnx.infra.manager import PassContext, PassManager  # noqa: E402
-from qonnx.infra.pipeline import Pipeline  # noqa: E402
+from qonnx.infra.context import PassContext  # noqa: E402
+from qonnx.infra.manager import PassManager  # noqa: E402
+from qonnx.passes import parse_pipeline  # noqa: E402
 from qonnx.qat.model import Student  # noqa: E402
 from qonnx.qat.options import TrainConfig  # noqa: E402
 from qonnx.qat.train import Trainer  # noqa: E402
@@ -154,7 +155,7 @@ def test_resume_from_checkpoint_equals_uninterrupted_run(tmp_path):
     def prepared():
         ir = import_proto(proto)
         ctx = PassContext(calibration=open_calibration(data, ir), seed=0)
-        ir, _ = PassManager(Pipeline.parse(W4A4), []).run(ir, ctx)
+        ir, _ = PassManager(parse_pipeline(W4A4), []).run(ir, ctx)
         return ir
 
     config = TrainConfig(steps=30, batch_size=16, dampen=0.1, freeze=0.1, freeze_final=0.05, momentum=0.05,
@@ -184,7 +185,7 @@ def test_bn_statistics_are_reestimated_when_bn_is_kept():
 def prepared_w4a4(proto=None, n=96):
     ir = import_proto(proto or classifier())
     ctx = PassContext(calibration=open_calibration(samples(n), ir), seed=0)
-    ir, _ = PassManager(Pipeline.parse(W4A4), []).run(ir, ctx)
+    ir, _ = PassManager(parse_pipeline(W4A4), []).run(ir, ctx)
     return ir
 
 

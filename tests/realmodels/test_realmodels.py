@@ -16,8 +16,8 @@ import pytest
 import qonnx
 from qonnx.core.ir import load_model
 from qonnx.errors import UnsupportedModelError
-from qonnx.infra.manager import PassContext
-from qonnx.infra.pipeline import Pipeline
+from qonnx.infra.context import PassContext
+from qonnx.passes import parse_pipeline
 from qonnx.runtime.ort import optimized_graph
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -46,7 +46,7 @@ def test_lite0_canonicalization_folds_same_padding_chains_into_conv():
     model = load_model(prepared("efficientnet_lite0") / "model.onnx")
     assert ops(model)["Pad"] > 0  # the raw torch export has TF-SAME Shape->Pad chains
     ctx = PassContext()
-    for p in Pipeline.parse("canonicalize,fold-bn"):
+    for p in parse_pipeline("canonicalize,fold-bn"):
         model = p.run(model, ctx).model
     counts = ops(model)
     assert counts["Pad"] == 0 and counts["Shape"] == 0  # the flatten batch-size chain folds too
@@ -129,18 +129,18 @@ def test_bias_correction_reduces_every_corrected_layers_mean_error_on_held_out_i
 
     from qonnx.core.layers import channel_response
     from qonnx.data.calibration import open_calibration
-    from qonnx.export.qdq import quantized_weight_codes
     from qonnx.infra.manager import PassManager
     from qonnx.numerics.quant import dequantize
+    from qonnx.quantize.parameters import quantized_weight_codes
     from qonnx.runtime.ort import stream_tensors
 
     folder = prepared("efficientnet_lite0")
     model = load_model(folder / "model.onnx")
     calib, held_out = open_calibration(folder / "calib.npz", model).split(64)
     ctx = PassContext(calibration=calib.head(64), seed=0)
-    model, _ = PassManager(Pipeline.parse("canonicalize,fold-bn,plan{weight_bits=4},calibrate"), []).run(model, ctx)
+    model, _ = PassManager(parse_pipeline("canonicalize,fold-bn,plan{weight_bits=4},calibrate"), []).run(model, ctx)
     float_graph = model.to_onnx()  # before correction: bias correction edits the biases of the float graph
-    (correction,) = Pipeline.parse("bias-correction").passes
+    (correction,) = parse_pipeline("bias-correction").passes
     model = correction.run(model, ctx).model
     table, tensors, nodes = model.quant, model.tensors(), {n.name: n for n in model.nodes}
     layers = [layer for layer in table.layers.values() if layer.bias and table.get(layer.bias).correction is not None]
@@ -177,7 +177,7 @@ def test_bn_folding_and_cle_are_exact_on_real_models(name, pipeline, expect):
     original = load_model(folder / "model.onnx")
     source = original.to_bytes()
     model, ctx, modified = load_model(folder / "model.onnx"), PassContext(), {}
-    for p in Pipeline.parse(pipeline):
+    for p in parse_pipeline(pipeline):
         result = p.run(model, ctx)
         model, modified[p.name] = result.model, result.modified
     assert modified[expect], modified  # the transformation under test really happened on this model
