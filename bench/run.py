@@ -203,7 +203,7 @@ def ort_kernels(path: Path) -> dict[str, Any]:
     """Integer kernels and float layers in ORT's optimized graph (qonnx's fusion report, any model)."""
     import onnx
 
-    from qonnx.export.qdq import fusion_report
+    from qonnx.runtime.fusion import fusion_report
 
     try:
         rep = fusion_report(onnx.load(str(path)))

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 import networkx as nx
 import numpy as np
 
-from qonnx.core.ir import Model
+from qonnx.core.ir import Model, Node, Tensor
 
 HOMOGENEOUS = frozenset({"Relu", "LeakyRelu", "PRelu", "Identity"})
 BOUNDED = frozenset({"Clip"})  # Clip(0, b): homogeneous once its bound follows the scale per channel
@@ -24,10 +24,10 @@ FLOAT_TYPES = (np.float16, np.float32, np.float64)
 class Layer:
     """A Conv/Gemm whose weight (and bias) CLE may rescale, with its channel axes."""
 
-    node: object
+    node: Node
     kind: str  # "conv", "dw" (depthwise, multiplier 1) or "gemm"
-    weight: object
-    bias: object | None
+    weight: Tensor
+    bias: Tensor | None
     out_axis: int  # weight axis of output channels
     in_axis: int  # weight axis of input channels (== out_axis for depthwise)
     bias_axis: int  # axis of the bias holding the output channel
@@ -55,6 +55,7 @@ def _layer(model: Model, node, subgraphs: bool) -> Layer | None:
     if not _usable_constant(model, weight, subgraphs):
         return None
     w = model.constant_value(weight)
+    assert w is not None  # _usable_constant checked it
     bias = node.inputs[2] if len(node.inputs) > 2 and node.inputs[2].name else None
     if bias is not None and not _usable_constant(model, bias, subgraphs):
         return None
@@ -170,6 +171,7 @@ def find_chains(model: Model, clips: dict[str, list] | None = None) -> list[list
         if nxt is not None:
             graph.add_edge(layer.name, nxt.name)
             if passed:
+                assert clips is not None  # passed is a list only when clips is given
                 clips[layer.name] = passed
     chains = []
     # Each layer has one data input and its output one consumer: the components are simple paths.

@@ -24,7 +24,7 @@ from qonnx.core.ir import Model
 from qonnx.core.ops import nbits_applies
 from qonnx.core.qtable import LayerQuant, Role, TensorQuant
 from qonnx.errors import PreconditionError
-from qonnx.infra.context import Analysis
+from qonnx.infra.context import Analysis, PassContext
 from qonnx.numerics.quant import QuantScheme
 from qonnx.runtime.ort import stream_tensors
 
@@ -63,13 +63,15 @@ def find_units(model: Model) -> list[Unit]:
     for layer in sorted(table.layers.values(), key=lambda q: order.get(q.node, len(order))):
         entry = table.get(layer.weight) if layer.weight else None
         if entry is not None and entry.role is Role.WEIGHT:
+            assert layer.weight is not None  # the entry was found under it
             by_weight.setdefault(layer.weight, []).append(layer)
     tensors = model.tensors()
     units = []
     for weight, layers in by_weight.items():
-        values = model.constant_value(tensors[weight])
+        values, entry = model.constant_value(tensors[weight]), table.get(weight)
+        assert values is not None and entry is not None  # plan quantizes constant weights; found above
         units.append(Unit(weight, tuple(q.node for q in layers), tuple(q.op for q in layers),
-                          tuple(int(d) for d in values.shape), table.get(weight).scheme,
+                          tuple(int(d) for d in values.shape), entry.scheme,
                           any(table.get(q.input) is not None for q in layers)))
     return units
 
@@ -91,7 +93,9 @@ def weight_bytes(unit: Unit, precision: str, nbits: bool = False) -> int:
     if precision == "float":
         return 4 * unit.params
     scheme = unit.scheme_at(precision)
+    assert scheme is not None  # only the float precision has no scheme
     if nbits and scheme.bits == 4:
+        assert scheme.block_size is not None  # MatMulNBits runs blocked weights only (nbits_applies)
         k, n = (unit.shape[1], unit.shape[0]) if scheme.axis == 1 else unit.shape
         blocks = -(-k // scheme.block_size)
         return n * blocks * scheme.block_size // 2 + 4 * n * blocks
@@ -103,6 +107,7 @@ def weight_bytes(unit: Unit, precision: str, nbits: bool = False) -> int:
 
 def _runs_as_nbits(model: Model, unit: Unit) -> bool:
     scheme = unit.scheme_at("int4")
+    assert scheme is not None  # only the float precision has no scheme
     if len(unit.nodes) != 1:
         return False
     node = next(n for n in model.nodes if n.name == unit.nodes[0])
@@ -110,7 +115,7 @@ def _runs_as_nbits(model: Model, unit: Unit) -> bool:
 
 
 # ------------------------------------------------------------------------------------------ shapes
-def layer_shapes(model: Model, ctx) -> dict[str, tuple[tuple[int, ...], tuple[int, ...]]]:
+def layer_shapes(model: Model, ctx: PassContext | None) -> dict[str, tuple[tuple[int, ...], tuple[int, ...]]]:
     """(input shape, output shape) of every planned layer for one sample (leading axis = 1).
 
     Measured on the first calibration sample when there is data (dynamic sizes resolved as the data
@@ -173,7 +178,7 @@ class CostTable(Analysis):
         return values[:, [PRECISIONS.index(p) for p in precisions]]
 
 
-def compute_costs(model: Model, ctx, units: list[Unit] | None = None) -> CostTable:
+def compute_costs(model: Model, ctx: PassContext, units: list[Unit] | None = None) -> CostTable:
     """Size and BOPs for every unit and precision (latency: qonnx.export.micro.measure_latency_costs)."""
     units = find_units(model) if units is None else units
     shapes = layer_shapes(model, ctx)

@@ -192,8 +192,10 @@ class MomentPropagator:
                 producer = m.producer(node.inputs[0])
                 relu_bounds = (m.clip_bounds(producer) if producer is not None and producer.op in ("Relu", "Clip")
                                else None)
-                pre = self.result.get(producer.inputs[0].name) if relu_bounds is not None else None
+                pre = (self.result.get(producer.inputs[0].name)
+                       if relu_bounds is not None and producer is not None else None)
                 if pre is not None:
+                    assert relu_bounds is not None  # pre is only looked up below a Relu/Clip with known bounds
                     # Relu + Min is CLE's exact rewrite of Clip(0, b): clip the Gaussian before the Relu
                     # once, as the Clip was, instead of treating the rectified tensor as a Gaussian again.
                     high = np.minimum(upper, min(relu_bounds[1], pre.bound[1]))

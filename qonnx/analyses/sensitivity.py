@@ -140,7 +140,7 @@ def loss_target(model: Model, loss: str = "auto") -> tuple[str, str]:
     producer = model.producer(out)
     softmax = producer is not None and producer.op in ("Softmax", "LogSoftmax") and \
         int(producer.attrs.get("axis", -1)) in (-1, (len(out.shape) - 1) if out.shape is not None else -1)
-    tensor = producer.inputs[0] if softmax else out
+    tensor = producer.inputs[0] if softmax and producer is not None else out
     if loss != "auto":
         return tensor.name, loss
     classes = out.shape[-1] if out.shape else None
@@ -170,6 +170,7 @@ def quantized_weight(w: np.ndarray, unit: Unit, precision: str, method: str) -> 
 def _step(w: np.ndarray, unit: Unit, method: str) -> np.ndarray:
     """The 4-bit quantization step of every weight element (per channel or block)."""
     scheme = unit.scheme_at("int4")
+    assert scheme is not None  # only the float precision has no scheme
     rmin, rmax = weight_range(w, scheme, method)
     scale, _ = scale_zero_point(rmin, rmax, scheme)
     return _broadcast_scale(np.asarray(scale, np.float64), w.shape, scheme)

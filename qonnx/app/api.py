@@ -18,7 +18,7 @@ from qonnx.data.calibration import CalibrationSet, open_calibration
 from qonnx.errors import InputError
 from qonnx.export import EXPORTERS, Exporter
 from qonnx.infra.context import PassContext
-from qonnx.infra.instruments import NumericVerifier, PassRecord, Reproducer, StructuralVerifier
+from qonnx.infra.instruments import Instrument, NumericVerifier, PassRecord, Reproducer, StructuralVerifier
 from qonnx.infra.manager import PassManager
 from qonnx.infra.pipeline import Pipeline
 from qonnx.numerics.metrics import Fidelity
@@ -112,7 +112,7 @@ def optimize(
         calib, heldout = full.split(n_hold)
     ctx = PassContext(calibration=calib, seed=seed, threads=threads, progress=progress)
     pipe.validate(ctx.available())
-    instruments = [StructuralVerifier(), NumericVerifier()] if verify else []
+    instruments: list[Instrument] = [StructuralVerifier(), NumericVerifier()] if verify else []
     reproducer = Reproducer(reproducer_dir) if reproducer_dir else None
     ir, records = PassManager(pipe, instruments, reproducer).run(ir, ctx)
     ir.metadata.update({

@@ -16,8 +16,9 @@ from typing import Any
 import numpy as np
 
 from qonnx.core.ir import Model
-from qonnx.core.qtable import QuantTable, Role
+from qonnx.core.qtable import QuantTable, Role, TensorQuant
 from qonnx.data.calibration import CalibrationSet
+from qonnx.errors import PreconditionError
 from qonnx.export.qdq import export_qdq
 from qonnx.numerics.metrics import Fidelity
 from qonnx.numerics.quant import fake_quantize, sqnr_db
@@ -48,6 +49,13 @@ def _only(table: QuantTable, names: set[str]) -> QuantTable:
     return kept
 
 
+def _parameters(name: str, entry: TensorQuant) -> tuple[np.ndarray, np.ndarray]:
+    """The entry's scale and zero point: errors are attributed on a calibrated table only."""
+    if entry.scale is None or entry.zero_point is None:
+        raise PreconditionError(f"attribution needs a calibrated quant table: '{name}' has no parameters")
+    return entry.scale, entry.zero_point
+
+
 def _batches(data: CalibrationSet, batch_size: int) -> list[dict[str, np.ndarray]]:
     return list(data.batches(batch_size))
 
@@ -69,8 +77,9 @@ def attribute_errors(ir: Model, data: CalibrationSet, batch_size: int = 8, progr
         for n in acts:
             e = table.tensors[n]
             x = values[n].astype(np.float64)
-            noise = x - fake_quantize(values[n], e.scale, e.zero_point, e.scheme)
-            energy[n] += (float(np.sum(x * x)), float(np.sum(noise * noise)))
+            scale, zero_point = _parameters(n, e)
+            error = x - fake_quantize(values[n], scale, zero_point, e.scheme)
+            energy[n] += (float(np.sum(x * x)), float(np.sum(error * error)))
     tensors = ir.tensors()
     rows = []
     candidates = [n for n, e in table.tensors.items() if e.role is not Role.BIAS]
@@ -81,7 +90,9 @@ def attribute_errors(ir: Model, data: CalibrationSet, batch_size: int = 8, progr
             t_sqnr = float("inf") if noise == 0 else 10 * np.log10(max(signal, 1e-300) / noise)
         else:
             w = ir.constant_value(tensors[name])
-            t_sqnr = sqnr_db(w, fake_quantize(w, entry.scale, entry.zero_point, entry.scheme))
+            assert w is not None  # plan quantizes constant weights only
+            scale, zero_point = _parameters(name, entry)
+            t_sqnr = sqnr_db(w, fake_quantize(w, scale, zero_point, entry.scheme))
         single = ir.copy()
         single.quant = _only(table, {name})
         session = make_session(export_qdq(single).SerializeToString(deterministic=True))

@@ -96,7 +96,7 @@ def pareto_sweep(model: str | Path, calibration: Any, *, pipeline: str = DEFAULT
         exported = export_qdq(candidate).SerializeToString(deterministic=True)
         fidelity = evaluate_fidelity(float_bytes, exported, heldout, threads=threads)
         point = {"fraction": float(fraction), "model_bytes": len(exported), "fidelity": fidelity,
-                 "choice": {u: f"int{candidate.quant.get(u).scheme.bits}" if candidate.quant.get(u) else "float"
+                 "choice": {u: f"int{entry.scheme.bits}" if (entry := candidate.quant.get(u)) else "float"
                             for u in weights}}
         point.update({k: v for k, v in stats.items() if k not in ("sensitivity_source",)})
         points.append(point)

@@ -69,14 +69,14 @@ def _k_axis(node: Any) -> int | None:
 
 def nbits_applies(model: Model, node: Any, entry: TensorQuant) -> bool:
     """A MatMul/Gemm with a 2-D weight in 4-bit blocks along K and a float input runs as MatMulNBits."""
-    s = entry.scheme
-    if s.bits != 4 or not s.signed or not s.block_size or s.axis != _k_axis(node):
+    s, k_axis = entry.scheme, _k_axis(node)
+    if s.bits != 4 or not s.signed or not s.block_size or k_axis is None or s.axis != k_axis:
         return False
     if s.block_size < 16 or s.block_size & (s.block_size - 1):
         return False
     w = model.constant_value(node.inputs[1])
     if node.op == "Gemm" and len(node.inputs) > 2 and node.inputs[2].name:
         bias = model.constant_value(node.inputs[2])
-        if bias is None or w is None or bias.shape != (w.shape[1 - s.axis],):
+        if bias is None or w is None or bias.shape != (w.shape[1 - k_axis],):
             return False  # MatMulNBits adds a per-column bias only
     return w is not None and w.ndim == 2 and model.quant.get(node.inputs[0].name) is None

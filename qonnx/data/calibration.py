@@ -13,7 +13,7 @@ import logging
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable, Iterator, Protocol
+from typing import Any, Iterable, Iterator, Protocol, cast
 
 import numpy as np
 
@@ -197,7 +197,7 @@ class IterableSource:
         if not isinstance(feed, dict) or not feed:
             raise InputError("calibration iterable must yield non-empty dicts of input name -> array")
         sizes = {np.asarray(v).shape[0] if np.ndim(v) else None for v in feed.values()}
-        return sizes.pop() if len(sizes) == 1 and None not in sizes else 1
+        return cast(int, sizes.pop()) if len(sizes) == 1 and None not in sizes else 1  # None excluded just before
 
     @staticmethod
     def _sliceable(feed: dict, n: int) -> bool:

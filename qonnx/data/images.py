@@ -74,10 +74,11 @@ def eval_fraction(raw: str) -> float:
 def load_image(path: Path, spec: ImagePreprocess, size: int) -> np.ndarray:
     from PIL import Image
 
-    resample = {"bicubic": Image.BICUBIC, "bilinear": Image.BILINEAR, "nearest": Image.NEAREST}
+    resample = {"bicubic": Image.Resampling.BICUBIC, "bilinear": Image.Resampling.BILINEAR,
+                "nearest": Image.Resampling.NEAREST}
     try:
-        with Image.open(path) as img:
-            img = img.convert("RGB")
+        with Image.open(path) as opened:
+            img = opened.convert("RGB")
             crop = spec.crop or size
             short = spec.resize or int(round(crop / 0.875))
             w, h = img.size
@@ -87,7 +88,8 @@ def load_image(path: Path, spec: ImagePreprocess, size: int) -> np.ndarray:
             w, h = img.size
             left, top = (w - crop) // 2, (h - crop) // 2
             img = img.crop((left, top, left + crop, top + crop))
-            pixels = np.asarray(img, dtype=np.float32)
+            # Plain ndarray: numpy's stubs wrongly type the float division below as complex128.
+            pixels: np.ndarray = np.asarray(img, dtype=np.float32)
     except OSError as e:
         raise InputError(f"cannot read image '{path}': {e}") from e
     if spec.color == "bgr":

@@ -3,7 +3,7 @@
 Natural images have an amplitude spectrum close to 1/f (power 1/f^2) and strongly correlated colour
 channels; here each image's amplitude falls as 1/f^a with a drawn in [1, 2].
 Noise with those two properties drives a vision model's activations through ranges much closer to
-real data than the independent-pixel Gaussian assumption of qonnx/moments.py, which overestimates
+real data than the independent-pixel Gaussian assumption of qonnx/analyses/moments.py, which overestimates
 early layers and underestimates deep ones several-fold when no folded BatchNorm pins them down.
 Nothing here looks at real data: only the input range the user declares.
 """

@@ -31,10 +31,10 @@ import numpy as np
 import onnx
 
 from qonnx.core.ir import Model
-from qonnx.core.ops import ABSORBED_ACTIVATIONS, INT_PASS_THROUGH_OPS
+from qonnx.core.ops import ABSORBED_ACTIVATIONS, INT_PASS_THROUGH_OPS, LOOKUP_OPS
 from qonnx.errors import ExportError
 from qonnx.export.dyadic import OFFSET_LOG2, Dyadic, common_shift, dyadic
-from qonnx.export.lowering import Lowering, QValue
+from qonnx.export.lowering import Lowering, QValue, all_quantized
 
 log = logging.getLogger(__name__)
 
@@ -64,15 +64,13 @@ class IntLowering(Lowering):
         self.from_int: dict[str, str] = {}  # float tensor -> the node that left the integer domain
         self.stats = {"requantizations": 0, "mantissa_bits_min": 31}
 
-    def handlers(self) -> dict[str, Callable[[Any], bool]]:
-        table: dict[str, Callable[[Any], bool]] = {
-            "Conv": self.conv, "Gemm": self.gemm, "MatMul": self.matmul, "Add": self.add, "Mul": self.mul,
-            "Concat": self.concat, "GlobalAveragePool": self.global_pool, "AveragePool": self.average_pool,
-            "Relu": self.clip, "Clip": self.clip,
-        }
-        table.update({op: self.pass_through for op in INT_PASS_THROUGH_OPS})
-        table.update({op: self.lut for op in LUT_FUNCTIONS})
-        return table
+    HANDLERS = {
+        "Conv": "conv", "Gemm": "gemm", "MatMul": "matmul", "Add": "add", "Mul": "mul",
+        "Concat": "concat", "GlobalAveragePool": "global_pool", "AveragePool": "average_pool",
+        "Relu": "clip", "Clip": "clip",
+        **{op: "pass_through" for op in INT_PASS_THROUGH_OPS},
+        **{op: "lut" for op in LOOKUP_OPS},
+    }
 
     # ------------------------------------------------------------- the float-region rule
     def floating(self, tensor) -> None:
@@ -115,13 +113,13 @@ class IntLowering(Lowering):
         b, c = d.mantissa, d.shift
         shape = _channel_shape(b.size, axis, rank) if (axis is not None and b.ndim == 1) else []
         b, c = b.reshape(shape), c.reshape(shape)
-        fold = np.asarray(fold, np.int64).reshape(shape) if np.ndim(fold) else np.int64(fold)
+        fold_const = np.asarray(fold, np.int64).reshape(shape) if np.ndim(fold) else np.int64(fold)
         zp = int(y.zero_point)
         if acc.dtype != np.int64:
             acc = self.cast(acc, onnx.TensorProto.INT64, np.int64, base + "_int64")
         if not premultiplied:
             acc = self.node("Mul", [acc, self.const(base + "_mantissa", b)], np.int64, base + "_scaled", shape=acc.shape)
-        offset = fold + np.left_shift(np.int64(1), c - 1) + np.int64(OFFSET)
+        offset = fold_const + np.left_shift(np.int64(1), c - 1) + np.int64(OFFSET)
         acc = self.node("Add", [acc, self.const(base + "_round", offset.astype(np.int64))], np.int64,
                         base + "_rounded", shape=acc.shape)
         acc = self.node("Div", [acc, self.const(base + "_shift", np.left_shift(np.int64(1), c))], np.int64,
@@ -143,6 +141,7 @@ class IntLowering(Lowering):
         lo, hi = y.qmin, y.qmax
         if act is not None:
             bounds = self.m.clip_bounds(act)
+            assert bounds is not None  # callers pass only activations whose bounds are constant (checked first)
             s, zp = float(y.scale), int(y.zero_point)
             if bounds[0] > -np.inf:
                 lo = max(lo, int(np.rint(bounds[0] / s)) + zp)
@@ -191,7 +190,7 @@ class IntLowering(Lowering):
         self.bind(tensor, y)
         return True
 
-    def multipliers(self, x: QValue, w_scale: np.ndarray, y_tensor) -> np.ndarray:
+    def multipliers(self, x: QValue, w_scale: np.ndarray | np.floating, y_tensor) -> np.ndarray:
         y = self.entry_value(y_tensor)
         s_y = float(y.scale) if y is not None else 1.0
         return np.float64(x.scale) * np.asarray(w_scale, np.float64) / s_y
@@ -320,7 +319,7 @@ class IntLowering(Lowering):
         xs = [self.quantized(t) for t in inputs]
         act, tensor = self.fused_output(node)
         y = self.entry_value(tensor)
-        if y is None or any(x is None for x in xs):
+        if y is None or not all_quantized(xs):
             return False
         base = node.name
         mantissas, c = common_shift([float(x.scale) / float(y.scale) for x in xs],
@@ -341,7 +340,7 @@ class IntLowering(Lowering):
         xs = [self.quantized(t) for t in inputs]
         act, tensor = self.fused_output(node)
         y = self.entry_value(tensor)
-        if len(inputs) != 2 or y is None or any(x is None for x in xs):
+        if len(inputs) != 2 or y is None or not all_quantized(xs):
             return False
         base = node.name
         centred = []
@@ -364,7 +363,7 @@ class IntLowering(Lowering):
     def concat(self, node) -> bool:
         xs = [self.quantized(t) for t in node.inputs]
         y = self.entry_value(node.outputs[0])
-        if y is None or any(x is None for x in xs):
+        if y is None or not all_quantized(xs):
             return False
         parts = []
         for i, x in enumerate(xs):

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterable
+from typing import Any, Callable, Iterable, cast
 
 import numpy as np
 import onnx
@@ -344,7 +344,8 @@ class IntegerCheck:
     @property
     def max_lsb(self) -> float | None:
         values = [o.max_lsb for o in self.outputs.values()]
-        return None if any(v is None for v in values) else max(values, default=0.0)
+        # max() is reached only when no output lacks a scale, so every value is a float there
+        return None if any(v is None for v in values) else max(cast(list[float], values), default=0.0)
 
     def describe(self) -> str:
         lines = [f"integer check on {self.samples} samples: {100 * self.exact_fraction:.4f}% of output elements "
@@ -396,6 +397,7 @@ def integer_check(model: onnx.ModelProto, feeds: Iterable[dict[str, np.ndarray]]
             if name in scales and diff.size:
                 scale, axis = scales[name]
                 s = _axis_shape(np.asarray(scale, np.float64), a.ndim, axis) if scale.ndim else scale
+                assert check.max_lsb is not None  # outputs with a scale start at 0.0 (report above)
                 check.max_lsb = max(check.max_lsb, float(np.round(np.max(diff / s), 3)))  # codes: whole LSBs
         report.samples += len(next(iter(feed.values()))) if feed else 0
     return report

@@ -93,6 +93,7 @@ def export_matmul_nbits(m: Model, node, entry: TensorQuant, codes: np.ndarray, a
         codes, scales = codes.T, scales.T
     k, n = codes.shape
     block = entry.scheme.block_size
+    assert block is not None  # export_qdq sends only the layers nbits_applies took: 4-bit blocks along K
     if codes.min() < -8 or codes.max() > 7:
         raise ExportError(f"weight '{w_tensor.name}' codes exceed the signed 4-bit range")
     scales = np.ascontiguousarray(scales.reshape(-(-k // block), n).T)

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any, Callable, ClassVar, TypeGuard
 
 import numpy as np
 import onnx
@@ -36,8 +36,10 @@ class QValue:
     """The integer form of a tensor: codes and the parameters that give them real values."""
 
     tensor: Any  # graph variable holding the codes
-    scale: np.ndarray  # float32; scalar per tensor, 1-D along `axis`
-    zero_point: np.ndarray  # of the codes' dtype
+    # float32; scalar per tensor, 1-D along `axis`. Scalars may be numpy scalars (new_value's default scale,
+    # the int-only exporter's int32 accumulators), which every use here reads like 0-d arrays.
+    scale: np.ndarray | np.floating
+    zero_point: np.ndarray | np.integer  # of the codes' dtype
     axis: int | None = None
     scale_const: Any = None
     zp_const: Any = None
@@ -57,6 +59,11 @@ class QValue:
     @property
     def qmax(self) -> int:
         return int(np.iinfo(self.dtype).max)
+
+
+def all_quantized(values: list[QValue | None]) -> TypeGuard[list[QValue]]:
+    """True when every input has an integer form (lets the type checker see that the list holds no None)."""
+    return not any(v is None for v in values)
 
 
 def activation_params(name: str, entry: TensorQuant) -> tuple[np.ndarray, np.ndarray]:
@@ -112,7 +119,7 @@ class Lowering:
                 raise ExportError(f"quant table names {op} '{node_name}', which is not in the graph")
 
     # ------------------------------------------------------------- constants
-    def const(self, hint: str, values: np.ndarray):
+    def const(self, hint: str, values: np.ndarray | np.number):
         return self.m.make_constant(hint, np.asarray(values))
 
     def params(self, qv: QValue) -> tuple[Any, Any]:
@@ -190,8 +197,8 @@ class Lowering:
 
     def quantize_output(self, tensor) -> None:
         """A graph output with an activation entry computed in float leaves through Q -> DQ, as in QDQ."""
-        if not self.activation_entry(tensor) or self.m.producer(tensor) is None \
-                or self.m.producer(tensor).op == "DequantizeLinear":
+        producer = self.m.producer(tensor)
+        if not self.activation_entry(tensor) or producer is None or producer.op == "DequantizeLinear":
             return
         twin = self.fake_quantized(tensor)
         name = tensor.name
@@ -206,6 +213,8 @@ class Lowering:
         values = self.m.constant_value(tensor)
         if entry is None or entry.role is Role.ACTIVATION or values is None:
             return
+        codes: np.ndarray
+        zp: np.ndarray
         if entry.role is Role.WEIGHT:
             codes = quantized_weight_codes(entry, values).astype(entry.scheme.numpy_dtype)
             zp = np.asarray(entry.zero_point).astype(entry.scheme.numpy_dtype)
@@ -215,7 +224,7 @@ class Lowering:
         per_tensor = entry.scheme.axis is None
         scale, zp = (scale.reshape(()), zp.reshape(())) if per_tensor else (scale.reshape(-1), zp.reshape(-1))
         out = self.m.make_variable(tensor.name + "_dequantized", dtype=np.float32, shape=list(values.shape))
-        attrs = {} if per_tensor else {"axis": int(entry.scheme.axis) % max(values.ndim, 1)}
+        attrs = {} if entry.scheme.axis is None else {"axis": int(entry.scheme.axis) % max(values.ndim, 1)}
         self.m.add_node("DequantizeLinear", [self.const(tensor.name + "_quantized", codes),
                                              self.const(tensor.name + "_scale", scale),
                                              self.const(tensor.name + "_zero_point", zp)], [out], attrs,
@@ -223,8 +232,11 @@ class Lowering:
         node.inputs[index] = out
 
     # ------------------------------------------------------------- the walk
+    # op -> the name of the method that lowers it (returns False to leave the node float); set by subclasses
+    HANDLERS: ClassVar[dict[str, str]] = {}
+
     def handlers(self) -> dict[str, Callable[[Any], bool]]:
-        raise NotImplementedError
+        return {op: getattr(self, method) for op, method in self.HANDLERS.items()}
 
     def remove(self, node) -> None:
         node.inputs.clear()
@@ -311,7 +323,9 @@ class Lowering:
         layer = self.table.layers.get(node.name)
         if layer is None or layer.bias is None:
             return None
-        return bias_codes(self.table.get(layer.bias), self.m.constant_value(node.inputs[2]))
+        entry, values = self.table.get(layer.bias), self.m.constant_value(node.inputs[2])
+        assert entry is not None and values is not None  # plan takes a bias only as a 1-D constant, with an entry
+        return bias_codes(entry, values)
 
     def weight_params(self, entry: TensorQuant, dtype) -> tuple[np.ndarray, np.ndarray]:
         scale = np.asarray(entry.scale, np.float32)

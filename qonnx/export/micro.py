@@ -25,6 +25,7 @@ def micro_model(model: Model, node, unit: Unit, in_shape: tuple[int, ...], preci
     or whatever it makes of int4 weights. The trailing DequantizeLinear is common to every choice.
     """
     w = model.constant_value(node.inputs[1])
+    assert w is not None  # units are planned weights, and plan quantizes constant weights only
     inits = [onnx.numpy_helper.from_array(w, "w")]
     inputs = ["x", "w"]
     bias = model.constant_value(node.inputs[2]) if len(node.inputs) > 2 and node.inputs[2].name else None

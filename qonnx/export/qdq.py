@@ -39,7 +39,7 @@ def _np_dtype(entry: TensorQuant) -> type:
 
 def _param_constants(m: Model, base: str, entry: TensorQuant, zp_dtype: type):
     scale = np.asarray(entry.scale, dtype=np.float32)
-    zero_point = np.asarray(entry.zero_point).astype(zp_dtype)
+    zero_point: np.ndarray = np.asarray(entry.zero_point).astype(zp_dtype)
     if entry.scheme.axis is None:
         scale, zero_point = scale.reshape(()), zero_point.reshape(())
     elif not entry.scheme.block_size:  # blocked ones keep the weight's rank, ceil(D/block) on the axis
@@ -120,6 +120,7 @@ def _absorb_activation(m: Model, tensor, entry: TensorQuant):
     if len(m.consumers(src)) != 1 or m.is_graph_output(src) or m.used_in_subgraph(tensor):
         return tensor
     bounds = m.clip_bounds(node)
+    assert entry.scale is not None and entry.zero_point is not None  # export_qdq refuses uncalibrated tables
     if bounds is None or np.ndim(entry.scale) != 0:
         return tensor
     s, zp = float(entry.scale), int(entry.zero_point)
@@ -201,6 +202,7 @@ def _nbits_layers(m: Model) -> dict[str, object]:
         node = nodes.get(layer.node)
         if entry is not None and node is not None and nbits_applies(m, node, entry) \
                 and len(m.consumers(node.inputs[1])) == 1:
+            assert layer.weight is not None  # the entry was found under it
             found[layer.weight] = node
     return found
 
@@ -211,6 +213,8 @@ def export_dynamic_matmul(m: Model, node_name: str, entry: TensorQuant) -> None:
     x, w_tensor = node.inputs
     out = node.outputs[0]
     w = m.constant_value(w_tensor)
+    assert w is not None  # protect makes only MatMuls with a constant 2-D weight dynamic
+    assert entry.scale is not None and entry.zero_point is not None  # protect calibrates every dynamic entry
     codes = quantize(w, entry.scale, entry.zero_point, entry.scheme).astype(np.int8)
     base = node_name
     xq = m.make_variable(base + "_input_quantized", dtype=np.uint8)
@@ -240,6 +244,8 @@ def export_int8_lookup(m: Model, node_name: str, entry: TensorQuant) -> None:
     table, indices = node.inputs
     out = node.outputs[0]
     values = m.constant_value(table)
+    assert values is not None  # the embeddings pass takes only constant tables
+    assert entry.scale is not None and entry.zero_point is not None  # the embeddings pass calibrates every entry
     codes = quantize(values, entry.scale, entry.zero_point, entry.scheme).astype(np.int8)
     rows_q = m.make_variable(node_name + "_rows_quantized", dtype=np.int8)
     m.add_node("Gather", [m.make_constant(table.name + "_quantized", codes), indices], [rows_q],

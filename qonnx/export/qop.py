@@ -20,14 +20,14 @@ the integer-only exporter (`qonnx.export_int`); the IR given is never modified.
 from __future__ import annotations
 
 import logging
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 import onnx
 
 from qonnx.core.ir import Model
 from qonnx.core.ops import ABSORBED_ACTIVATIONS, PASS_THROUGH_OPS
-from qonnx.export.lowering import MS_DOMAIN, Lowering, QValue
+from qonnx.export.lowering import MS_DOMAIN, Lowering, QValue, all_quantized
 from qonnx.export.qdq import export_dynamic_matmul, export_int8_lookup
 
 log = logging.getLogger(__name__)
@@ -36,16 +36,14 @@ log = logging.getLogger(__name__)
 class QOpLowering(Lowering):
     format_name = "qop"
 
-    def handlers(self) -> dict[str, Callable[[Any], bool]]:
-        table: dict[str, Callable[[Any], bool]] = {
-            "Conv": self.conv, "Gemm": self.gemm, "MatMul": self.matmul,
-            "Add": self.binary, "Mul": self.binary, "Concat": self.concat,
-            "GlobalAveragePool": self.unary, "AveragePool": self.unary, "Sigmoid": self.unary,
-            "LeakyRelu": self.unary, "Softmax": self.unary, "Relu": self.clip, "Clip": self.clip,
-        }
-        table.update({op: self.pass_through for op in PASS_THROUGH_OPS})
-        table["Gather"] = self.gather
-        return table
+    HANDLERS = {
+        "Conv": "conv", "Gemm": "gemm", "MatMul": "matmul",
+        "Add": "binary", "Mul": "binary", "Concat": "concat",
+        "GlobalAveragePool": "unary", "AveragePool": "unary", "Sigmoid": "unary",
+        "LeakyRelu": "unary", "Softmax": "unary", "Relu": "clip", "Clip": "clip",
+        **{op: "pass_through" for op in PASS_THROUGH_OPS},
+        "Gather": "gather",  # an int8 lookup table (embeddings), else a pass-through
+    }
 
     def gather(self, node) -> bool:
         entry = self.table.gathers.get(node.name)
@@ -200,7 +198,7 @@ class QOpLowering(Lowering):
     def concat(self, node) -> bool:
         xs = [self.quantized(t) for t in node.inputs]
         y = self.entry_value(node.outputs[0])
-        if y is None or any(x is None for x in xs):
+        if y is None or not all_quantized(xs):
             return False
         self.m.add_node("QLinearConcat", [*self.params(y), *self.constants(*xs)], [y.tensor],
                         {"axis": int(node.attrs["axis"])}, name=node.name, domain=MS_DOMAIN)

@@ -7,6 +7,7 @@ model as it was before a failing pass together with the rest of the pipeline.
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
@@ -88,7 +89,7 @@ class NumericVerifier:
 class Reproducer:
     """On failure, save the model as it was before the failing pass and the remaining pipeline."""
 
-    def __init__(self, directory: str | Path):
+    def __init__(self, directory: str | os.PathLike[str]):
         self.directory = Path(directory)
 
     def save(self, p: Pass, before: Model, remaining: str, error: BaseException) -> Path:

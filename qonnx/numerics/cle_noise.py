@@ -98,8 +98,10 @@ def _candidates(u: np.ndarray, v: np.ndarray, r1, r2, a, alpha, beta, energy, n2
 
 def _best_cells(u_grid, v_grid, args, qa: float, keep: int) -> list[tuple[float, float, float, np.ndarray]]:
     """The `keep` lowest-noise (noise, u, v, s) of a grid over (u, v)."""
-    cands = _candidates(u_grid, v_grid, *args, qa)
-    noise = pair_noise(cands, *args, qa)
+    # args is the 7-item list built in noise_scales; mypy assumes a *list of unknown length could fill every
+    # parameter, so it rejects the positional qa after it (python/mypy#16677).
+    cands = _candidates(u_grid, v_grid, *args, qa)  # type: ignore[call-arg]
+    noise = pair_noise(cands, *args, qa)  # type: ignore[call-arg]
     return [(float(noise[k]), float(u_grid[k // len(v_grid)]), float(v_grid[k % len(v_grid)]), cands[k])
             for k in np.argsort(noise, kind="stable")[:keep]]
 

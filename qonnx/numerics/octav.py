@@ -25,6 +25,7 @@ import logging
 from collections.abc import Callable
 
 import numpy as np
+from numpy.typing import ArrayLike
 
 log = logging.getLogger(__name__)
 
@@ -78,9 +79,9 @@ def raw_tails(magnitudes: np.ndarray) -> Tails:
 
 def octav_symmetric(
     tails: Tails,
-    nonzero: np.ndarray,
-    s0: np.ndarray,
-    s_max: np.ndarray,
+    nonzero: ArrayLike,
+    s0: ArrayLike,
+    s_max: ArrayLike,
     k: float,
     iterations: int,
     rtol: float = 1e-6,
@@ -109,11 +110,11 @@ def octav_symmetric(
 def octav_two_sided(
     tails_pos: Tails,
     tails_neg: Tails,
-    nonzero: np.ndarray,
-    a0: np.ndarray,
-    b0: np.ndarray,
-    a_max: np.ndarray,
-    b_max: np.ndarray,
+    nonzero: ArrayLike,
+    a0: ArrayLike,
+    b0: ArrayLike,
+    a_max: ArrayLike,
+    b_max: ArrayLike,
     k: float,
     iterations: int,
     rtol: float = 1e-6,

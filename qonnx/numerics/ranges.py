@@ -1,7 +1,7 @@
 """Range selection: (rmin, rmax) for `quant.scale_zero_point`, by a named method.
 
 Activations are chosen from a `TensorHistogram` (bounded streaming statistics); weights, exactly
-from their raw values, in qonnx/weight_ranges.py (same methods, same conventions).
+from their raw values, in qonnx/numerics/weight_ranges.py (same methods, same conventions).
 
 Which part of the data a method looks at depends on the scheme and the data:
 
@@ -111,7 +111,8 @@ def _upper_quantile(counts: np.ndarray, width: float, n_above: float) -> float:
     return (j + 1 - inside) * width
 
 
-def expected_sqnr_db(stats: TensorHistogram, scale: float, zero_point: int, scheme: QuantScheme) -> float:
+def expected_sqnr_db(stats: TensorHistogram, scale: float | np.ndarray, zero_point: int | np.ndarray,
+                     scheme: QuantScheme) -> float:
     """SQNR (dB) of quantizing the histogrammed tensor with these per-tensor parameters."""
     rmin = np.array([float(scale) * (scheme.qmin - int(zero_point))])
     rmax = np.array([float(scale) * (scheme.qmax - int(zero_point))])
@@ -288,7 +289,7 @@ def _mse_activation(
     a_grid, b_grid = _candidates(a_ext, 16), _candidates(b_ext, 16)
     for level in range(4):
         bb, aa = (g.ravel() for g in np.meshgrid(b_grid, a_grid, indexing="ij"))
-        hist = coarse if level == 0 else (nz, w, zero_bin)
+        hist: tuple[np.ndarray, float, int] = coarse if level == 0 else (nz, w, zero_bin)
         i = int(np.argmin(_hist_sq_error(*hist, -bb, aa, scheme)))
         da, db = a_grid[1] - a_grid[0], b_grid[1] - b_grid[0]
         a_grid = np.linspace(max(aa[i] - da, da / 4), min(aa[i] + da, a_ext), 9)

@@ -1,6 +1,6 @@
 """Weight ranges: (rmin, rmax) per tensor, channel or block, exact on the raw values, vectorised.
 
-The methods and conventions are those of qonnx/ranges.py (activations): symmetric schemes clip |w|,
+The methods and conventions are those of qonnx/numerics/ranges.py (activations): symmetric schemes clip |w|,
 asymmetric ones choose both ends jointly; every range contains 0.
 """
 

@@ -122,8 +122,9 @@ def _sink_one(model: Model, transpose, perm: list[int]) -> bool:
     elif kind == "unary":
         _move_below(model, [transpose], consumer, [source, *consumer.inputs[1:]])
     elif kind == "constant":
-        permuted = model.make_constant(consumer.name + "_permuted",
-                                       _permuted_constant(model.constant_value(extra), perm))
+        value = model.constant_value(extra)
+        assert value is not None  # _step takes this kind only for a constant operand
+        permuted = model.make_constant(consumer.name + "_permuted", _permuted_constant(value, perm))
         first = consumer.inputs[0] is transpose.outputs[0]
         _move_below(model, [transpose], consumer, [source, permuted] if first else [permuted, source])
     elif kind == "twin":
@@ -153,6 +154,7 @@ def sink_transposes(model: Model) -> int:
                 break
         if chosen is None:
             break
+        assert perm is not None  # chosen is set only together with its perm
         while chosen.outputs and _sink_one(model, chosen, perm):
             pass
         model.cleanup()

@@ -1,6 +1,6 @@
 """adaround: learned weight rounding (Nagel et al. 2020) on the calibrated grid, layer by layer.
 
-Each layer's loss is the moment form of qonnx/layer_moments.py: one streamed pass over the calibration
+Each layer's loss is the moment form of qonnx/rounding/layer_moments.py: one streamed pass over the calibration
 samples gives G = E[x^ x^T] and E = E[(x^ - x) x^T], after which every optimizer step costs one
 [O, I] x [I, I] product however much data there is. Reconstruction is asymmetric: x^ comes from the
 exported model with the earlier layers already hard-rounded and activations quantized (what the deployed
@@ -17,7 +17,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from qonnx.core.ir import Model
+from qonnx.core.ir import Model, Node
 from qonnx.core.qtable import LayerQuant, QuantState
 from qonnx.export.qdq import export_qdq
 from qonnx.infra.base import Pass, PassResult, option
@@ -66,7 +66,7 @@ class AdaRoundOptions:
 @dataclass
 class _Layer:
     quant: LayerQuant
-    node: object
+    node: Node
     weight: np.ndarray  # the float weight, graph layout
     blocks: np.ndarray  # [g, O_g, I_g]
     scale: np.ndarray  # broadcastable to the blocks
@@ -78,14 +78,17 @@ def _weight_is_kn(node) -> bool:
     return node.op == "MatMul" or (node.op == "Gemm" and not int(node.attrs.get("transB", 0)))
 
 
-def _prepare(model: Model, quant: LayerQuant, node) -> _Layer | None:
+def _prepare(model: Model, quant: LayerQuant, node: Node) -> _Layer | None:
+    assert quant.weight is not None  # only layers with a weight are prepared
     entry = model.quant.get(quant.weight)
+    assert entry is not None  # plan gives every layer weight an entry
     w = model.constant_value(node.inputs[1])
     scheme = entry.scheme
     if w is None or entry.state is not QuantState.CALIBRATED or not scheme.signed or not scheme.symmetric:
         return None
     scale = np.asarray(entry.scale, np.float64)
     if scheme.block_size:  # blocked: one scale per weight element, laid out like the weight blocks below
+        assert scheme.axis is not None  # QuantScheme refuses a block size without an axis
         scale = expand_blocked(scale, w.shape, scheme.axis, scheme.block_size)
     if node.op == "Conv":
         group = int(node.attrs.get("group", 1))
@@ -153,7 +156,7 @@ class AdaRound(Pass):
                   if (prepared := _prepare(model, q, nodes[q.node])) is not None]
         if not layers:
             return PassResult(model, False, {"layers": 0})
-        data = ctx.calibration.head(opts.samples) if opts.samples else ctx.calibration
+        data = ctx.data().head(opts.samples) if opts.samples else ctx.data()
         float_proto = model.to_onnx()
         waves = _waves(model, layers)
         if opts.time_budget:
@@ -198,15 +201,21 @@ class AdaRound(Pass):
                     left = opts.time_budget - (time.perf_counter() - start) - collect_seconds / (index + 1) * waves_left
                     budget = max(0.05, left * layer.step_seconds / step_seconds_left)
                 step_seconds_left -= layer.step_seconds
+                assert layer.quant.weight is not None  # only layers with a weight are prepared
                 entry = model.quant.get(layer.quant.weight)
+                assert entry is not None  # _prepare read it
                 with tqdm(total=opts.iterations, desc=f"adaround {layer.quant.node}", unit="step", leave=False,
                           disable=not ctx.progress, mininterval=0.5) as bar:
+
+                    def advance(step: int, bar: tqdm = bar) -> None:
+                        bar.update(step - bar.n)
+
                     codes, stats = adaround_weights(
                         layer.blocks, layer.scale, moments[layer.quant.node], entry.scheme.qmin, entry.scheme.qmax,
                         iterations=opts.iterations, reg_weight=opts.reg_weight, lr=opts.lr,
                         warm_start=opts.warm_start, time_budget_s=budget, lr_reference_steps=DEFAULT_ITERATIONS,
                         search=opts.search,
-                        progress=lambda step, bar=bar: bar.update(step - bar.n))
+                        progress=advance)
                 entry.codes = _to_graph_layout(codes, layer)
                 entry.method = (entry.method + "+adaround") if entry.method else "adaround"
                 entry.state = QuantState.ROUNDED

@@ -8,7 +8,7 @@ correction costs one streamed pass and O(channels) memory.
 
 `mode=analytic` needs no data (DFQ): E[x] comes from the per-channel Gaussian
 moments that estimate-ranges carries from the folded BatchNorm statistics
-through ReLU / clipped-ReLU expectations (qonnx/moments.py).
+through ReLU / clipped-ReLU expectations (qonnx/analyses/moments.py).
 """
 
 from __future__ import annotations
@@ -51,7 +51,7 @@ class BiasCorrection(Pass):
         if self.options.mode == "analytic":
             self.requires = frozenset({"calibrated"})
 
-    def _means(self, model: Model, ctx, names: list[str]) -> dict[str, np.ndarray]:
+    def _means(self, model: Model, ctx: PassContext, names: list[str]) -> dict[str, np.ndarray]:
         if self.options.mode == "empirical":
             return channel_means(model, names, ctx, self.options.batch_size, self.options.samples)
         cached = ctx.analyses.get(PropagatedMoments)
@@ -68,8 +68,11 @@ class BiasCorrection(Pass):
         means = self._means(model, ctx, sorted({layer.input for layer in layers}))
         corrected, largest = 0, 0.0
         for layer in layers:
+            assert layer.weight is not None and layer.bias is not None  # layers were chosen for having both
             w_entry = table.get(layer.weight)
             w = model.constant_value(tensors[layer.weight])
+            assert w_entry is not None and w is not None  # plan gives constant layer weights an entry
+            assert w_entry.scale is not None and w_entry.zero_point is not None  # set by calibration (required)
             codes = quantized_weight_codes(w_entry, w)  # rounded codes (AdaRound) or nearest rounding
             approx = dequantize(codes, w_entry.scale, w_entry.zero_point, w_entry.scheme.axis)
             mean = means.get(layer.input)
@@ -79,11 +82,13 @@ class BiasCorrection(Pass):
             if shift is None:
                 continue
             bias_t, b_entry = tensors[layer.bias], table.get(layer.bias)
-            bias = model.constant_value(bias_t).astype(np.float64)
+            bias_values = model.constant_value(bias_t)
+            assert b_entry is not None and bias_values is not None  # plan gives constant layer biases an entry
+            bias = bias_values.astype(np.float64)
             previous = b_entry.correction if b_entry.correction is not None else np.zeros_like(bias)
             if np.allclose(shift, previous, rtol=1e-5, atol=1e-7 * (1 + float(np.max(np.abs(bias))))):
                 continue  # already corrected for these weights and scales
-            bias_t.values = (bias + previous - shift).astype(model.constant_value(bias_t).dtype)
+            bias_t.values = (bias + previous - shift).astype(bias_values.dtype)
             b_entry.correction = shift
             corrected += 1
             largest = max(largest, float(np.max(np.abs(shift))))

@@ -3,9 +3,8 @@
 from __future__ import annotations
 
 import numpy as np
-import onnx
 
-from qonnx.core.ir import Model
+from qonnx.core.ir import Model, numpy_dtype
 from qonnx.infra.base import Pass, PassResult
 from qonnx.infra.context import PassContext
 from qonnx.passes._transposes import sink_transposes
@@ -30,14 +29,14 @@ def _fold_pad_into_conv(model: Model) -> int:
         has_axes = len(pad.inputs) > 3 and pad.inputs[3].name
         if pads is None or has_axes or (has_value and (value is None or np.any(value != 0))):
             continue
-        pads = [int(p) for p in pads.reshape(-1)]
-        rank = len(pads) // 2
-        if rank < 3 or any(p < 0 for p in pads) or pads[0] or pads[1] or pads[rank] or pads[rank + 1]:
+        widths = [int(p) for p in pads.reshape(-1)]
+        rank = len(widths) // 2
+        if rank < 3 or any(p < 0 for p in widths) or widths[0] or widths[1] or widths[rank] or widths[rank + 1]:
             continue
         spatial = rank - 2
         old = list(conv.attrs.get("pads", [0] * (2 * spatial)))
-        begin = [old[i] + pads[2 + i] for i in range(spatial)]
-        end = [old[spatial + i] + pads[rank + 2 + i] for i in range(spatial)]
+        begin = [old[i] + widths[2 + i] for i in range(spatial)]
+        end = [old[spatial + i] + widths[rank + 2 + i] for i in range(spatial)]
         conv.attrs["pads"] = begin + end
         conv.inputs[0] = pad.inputs[0]
         pad.outputs.clear()
@@ -162,7 +161,7 @@ def _is_noop_cast(model: Model, node) -> bool:
         return False
     source = model.dtype_of(node.inputs[0])
     try:
-        target = np.dtype(onnx.helper.tensor_dtype_to_np_dtype(int(node.attrs["to"])))
+        target = numpy_dtype(int(node.attrs["to"]))
     except (KeyError, TypeError, ValueError):
         return False
     return source is not None and source == target

@@ -23,7 +23,7 @@ already clips at the largest bound.
 
 `objective=noise` replaces the range equalization by scales that minimise the
 modelled per-tensor quantization noise of both weights and the activation between
-them (qonnx/cle_noise.py), from per-channel statistics of one pass over the
+them (qonnx/numerics/cle_noise.py), from per-channel statistics of one pass over the
 calibration data; the rewrite stays exact.
 """
 
@@ -86,6 +86,13 @@ def in_ranges(layer: Layer, w: np.ndarray) -> np.ndarray:
     return np.max(np.abs(_moved(w, layer.in_axis)), axis=1)
 
 
+def _weight(model: Model, layer: Layer) -> np.ndarray:
+    """The layer's weight values (find_chains takes only layers with a constant weight)."""
+    w = model.constant_value(layer.weight)
+    assert w is not None
+    return w
+
+
 def _along(axis: int, ndim: int, values: np.ndarray) -> np.ndarray:
     shape = [1] * ndim
     shape[axis] = -1
@@ -100,7 +107,7 @@ class _State:
         self.b: dict[str, np.ndarray | None] = {}
         self.out_scale: dict[str, np.ndarray] = {}  # cumulative divisor of each layer's output channels
         for layer in (la for chain in chains for la in chain):
-            self.w[layer.name] = model.constant_value(layer.weight).astype(np.float64)
+            self.w[layer.name] = _weight(model, layer).astype(np.float64)
             bias = model.constant_value(layer.bias) if layer.bias is not None else None
             self.b[layer.name] = bias.astype(np.float64) if bias is not None else None
             self.out_scale[layer.name] = np.ones(layer.channels_out)
@@ -155,13 +162,16 @@ def _rescale_clip(model: Model, clip, layer: Layer, s: np.ndarray) -> bool:
         return False
     if clip.op == "Min":  # already per channel: the bound follows the scale
         bound = model.constant_value(clip.inputs[1])
+        assert bound is not None  # find_chains passes only a Min with a constant bound
         clip.inputs[1] = model.make_constant(clip.name + "_bound", (bound / s.reshape(bound.shape)).astype(bound.dtype))
         return True
-    _, upper = model.clip_bounds(clip)
+    bounds = model.clip_bounds(clip)
+    assert bounds is not None  # find_chains passes only a Clip with constant bounds
+    _, upper = bounds
     x, out = clip.inputs[0], clip.outputs[0]
     clip.op, clip.attrs, clip.inputs = "Relu", {}, [x]
     if np.isfinite(upper):
-        rank = 2 if layer.kind == "gemm" else model.constant_value(layer.weight).ndim
+        rank = 2 if layer.kind == "gemm" else _weight(model, layer).ndim
         shape = [1, -1] + [1] * (rank - 2)
         relu_out = model.make_variable(clip.name + "_relu", dtype=out.dtype, shape=out.shape)
         clip.outputs = [relu_out]
@@ -170,21 +180,26 @@ def _rescale_clip(model: Model, clip, layer: Layer, s: np.ndarray) -> bool:
     return True
 
 
-def _upper_bound(model: Model, clips: list) -> np.ndarray | None:
+def _upper_bound(model: Model, clips: list) -> np.ndarray | np.float64 | None:
     """The per-channel upper bound that the Clip(0, b) / Min nodes after a layer put on its output."""
     bound = None
     for clip in clips:
+        b: np.ndarray | np.float64  # per channel (Min) or one bound for all (Clip)
         if clip.op == "Min":
-            b = model.constant_value(clip.inputs[1]).astype(np.float64).reshape(-1)
+            values = model.constant_value(clip.inputs[1])
+            assert values is not None  # find_chains passes only a Min with a constant bound
+            b = values.astype(np.float64).reshape(-1)
         else:
-            b = np.float64(model.clip_bounds(clip)[1])
+            bounds = model.clip_bounds(clip)
+            assert bounds is not None  # find_chains passes only a Clip with constant bounds
+            b = np.float64(bounds[1])
         bound = b if bound is None else np.minimum(bound, b)
     return None if bound is None or not np.all(np.isfinite(bound)) else bound
 
 
 def _noise_pair(state: _State, first: Layer, second: Layer, stats: dict[str, ChannelStats],
-                previous: Layer | None, bound: np.ndarray | None, activation: str) -> np.ndarray:
-    """cle{objective=noise}: the scales minimising the pair's modelled quantization noise (qonnx/cle_noise.py).
+                previous: Layer | None, bound: np.ndarray | np.float64 | None, activation: str) -> np.ndarray:
+    """cle{objective=noise}: the scales minimising the pair's modelled quantization noise (qonnx/numerics/cle_noise.py).
 
     Where a Clip(0, b) sits between the layers, a channel's activation range is b, not the largest value
     calibration saw: EfficientNet-Lite0 has channels that are active on a few images only, and a scale
@@ -269,9 +284,11 @@ def equalize(model: Model, iterations: int = 20, tolerance: float = 1e-4, clips:
     for sweep in range(max(1, iterations)):
         worst = 0.0
         for group, noisy in groups:
+            scales: tuple[np.ndarray, ...]
             if noisy:
-                scales = (_noise_pair(state, *group, channel_stats, previous.get(group[0].name),
-                                      bounds.get(group[0].name), activations[group[0].name]),)
+                first, second = group  # the noise objective scales pairs only
+                scales = (_noise_pair(state, first, second, channel_stats, previous.get(first.name),
+                                      bounds.get(first.name), activations[first.name]),)
             else:
                 scales = (scale_pair(state, *group),) if len(group) == 2 else scale_triplet(state, *group)
             for s in scales:
@@ -287,11 +304,12 @@ def equalize(model: Model, iterations: int = 20, tolerance: float = 1e-4, clips:
     stats["max_log_scale"] = worst
     stats["converged"] = worst < tolerance
     for layer in (la for chain in chains for la in chain):
-        w = model.constant_value(layer.weight)
+        w = _weight(model, layer)
         layer.weight.values = state.w[layer.name].astype(w.dtype)
         if layer.bias is not None:
-            b = model.constant_value(layer.bias)
-            layer.bias.values = state.b[layer.name].astype(b.dtype)
+            b, equalized = model.constant_value(layer.bias), state.b[layer.name]
+            assert b is not None and equalized is not None  # chain biases are constants, copied by _State
+            layer.bias.values = equalized.astype(b.dtype)
         # The layer's output channel i is now divided by s_i: so is its folded BN's N(beta, gamma^2).
         norm = model.folded_norms.get(layer.node.outputs[0].name)
         s = state.out_scale[layer.name]
@@ -345,7 +363,7 @@ class CrossLayerEqualization(Pass):
                 return {n: stats_from_moments(moments[n], opts.width) for n in names if n in moments}
         elif opts.objective == "noise":
             def statistics(names: list[str]) -> dict[str, ChannelStats]:
-                data = ctx.calibration.head(opts.samples) if opts.samples else ctx.calibration
+                data = ctx.data().head(opts.samples) if opts.samples else ctx.data()  # required in __init__
                 return collect_channel_stats(stream_tensors(model.to_onnx(), names, data.batches(opts.batch_size),
                                                             ctx.threads))
         stats = equalize(model, opts.iterations, opts.tolerance, opts.clips, statistics)

@@ -65,15 +65,17 @@ class Embeddings(Pass):
     def run(self, model: Model, ctx: PassContext) -> PassResult:
         tables = lookup_tables(model, self.options.min_elements)
         tensors = model.tensors()
-        before = {name: entry.scale.tobytes() for name, entry in model.quant.gathers.items()}
+        # np.asarray is the identity here: every lookup entry gets its scale (an array) from this pass.
+        before = {name: np.asarray(entry.scale).tobytes() for name, entry in model.quant.gathers.items()}
         model.quant.gathers.clear()
         elements = 0
         for node_name, table in sorted(tables.items()):
             values = model.constant_value(tensors[table])
+            assert values is not None  # lookup_tables takes only constant tables
             elements += values.size
             rmin, rmax = weight_range(values, ROW_INT8, "minmax")
             scale, zero_point = scale_zero_point(rmin, rmax, ROW_INT8)
             model.quant.gathers[node_name] = TensorQuant(Role.WEIGHT, ROW_INT8, scale, zero_point,
                                                          QuantState.CALIBRATED, method="minmax")
-        after = {name: entry.scale.tobytes() for name, entry in model.quant.gathers.items()}
+        after = {name: np.asarray(entry.scale).tobytes() for name, entry in model.quant.gathers.items()}
         return PassResult(model, after != before, {"tables": len(tables), "elements": elements})

@@ -1,7 +1,7 @@
 """estimate-ranges: activation ranges with no calibration data (DFQ's data-free mode).
 
 Per-channel Gaussian moments are carried through the float graph from the
-folded BatchNorm statistics and an assumed input range (qonnx/moments.py); each
+folded BatchNorm statistics and an assumed input range (qonnx/analyses/moments.py); each
 quantized activation gets the range mean +- `width` standard deviations over its
 channels, cut to hard bounds (clips, sigmoids). Layers whose input cannot be
 estimated (an op the propagation does not know) stay float, with the reason.
@@ -9,7 +9,7 @@ estimated (an op the propagation does not know) stay float, with the reason.
 A vision model that kept no BatchNorm statistics (a TFLite export has them folded
 away) gives the propagation nothing to anchor deep layers: there, the ranges are
 the min/max over seeded synthetic 1/f-noise images in the input range instead
-(qonnx/synthetic.py). Still no real data is read.
+(qonnx/data/synthetic.py). Still no real data is read.
 """
 
 from __future__ import annotations

@@ -45,6 +45,7 @@ def _absorb_output_affine(model: Model, layer, axis: int, bias_t, bias: np.ndarr
     """y * mult + offset per output channel into the layer's weight and bias (`bias_t` its bias tensor or None,
     `bias` the values, size 1 or channels); the layer then produces the output of `nodes[-1]`, and `nodes` go."""
     weight, w = layer.inputs[1], model.constant_value(layer.inputs[1])
+    assert w is not None  # both callers checked that the weight is a constant
     shape = [1] * w.ndim
     shape[axis] = -1
     weight.values = (w.astype(np.float64) * mult.reshape(shape)).astype(w.dtype)
@@ -223,7 +224,8 @@ def fold_batchnorms_forward(model: Model) -> list[str]:
             new_w = w64 * (mult[None, :] if trans_b else mult[:, None])
             shift = (w64 @ offset) if trans_b else (offset @ w64)
         channels = shift.shape[0]
-        b = model.constant_value(bias_t).astype(np.float64) if bias_t is not None else np.zeros(channels)
+        bias = model.constant_value(bias_t) if bias_t is not None else None  # a constant with bias_t (checked above)
+        b = bias.astype(np.float64) if bias is not None else np.zeros(channels)
         if b.size not in (1, channels):
             continue
         layer.inputs[1].values = new_w.astype(w.dtype)

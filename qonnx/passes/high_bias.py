@@ -14,8 +14,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from qonnx.analyses.chains import find_chains
-from qonnx.core.ir import Model
+from qonnx.analyses.chains import Layer, find_chains
+from qonnx.core.ir import Model, Node
 from qonnx.core.layers import channel_response
 from qonnx.infra.base import Pass, PassResult
 from qonnx.infra.context import PassContext
@@ -23,9 +23,10 @@ from qonnx.infra.context import PassContext
 SHIFT_TRANSPARENT = frozenset({"GlobalAveragePool", "Flatten", "Reshape", "Identity"})
 
 
-def _path(model: Model, first, second) -> list | None:
+def _path(model: Model, first: Layer, second: Layer) -> list[Node] | None:
     """The nodes strictly between two chained layers."""
-    nodes, tensor = [], first.node.outputs[0]
+    nodes: list[Node] = []
+    tensor = first.node.outputs[0]
     while True:
         consumer = model.consumers(tensor)[0]
         if consumer is second.node:
@@ -36,7 +37,7 @@ def _path(model: Model, first, second) -> list | None:
             return None
 
 
-def _absorbable(model: Model, nodes: list) -> tuple[bool, object | None] | None:
+def _absorbable(model: Model, nodes: list[Node]) -> tuple[bool, Node | None] | None:
     """(has relu, Min node) when a constant shift passes through the path; None otherwise."""
     relu, bound = False, None
     for node in nodes:
@@ -65,14 +66,18 @@ def absorb_high_biases(model: Model) -> dict:
             c = np.maximum(0.0, beta - 3 * np.abs(gamma)) if relu else beta.copy()
             if not np.any(c > 0 if relu else c != 0):
                 continue
-            shift = channel_response(second.node, model.constant_value(second.weight).astype(np.float64), c)
+            w2 = model.constant_value(second.weight)
+            assert w2 is not None  # find_chains takes only layers with a constant weight
+            shift = channel_response(second.node, w2.astype(np.float64), c)
             if shift is None:
                 continue
             b1, b2 = model.constant_value(first.bias), model.constant_value(second.bias)
+            assert b1 is not None and b2 is not None  # both exist (checked above); chain biases are constants
             first.bias.values = (b1.astype(np.float64) - c.reshape(b1.shape)).astype(b1.dtype)
             second.bias.values = (b2.astype(np.float64) + shift.reshape(b2.shape)).astype(b2.dtype)
             if bound is not None:
                 upper = model.constant_value(bound.inputs[1])
+                assert upper is not None  # _absorbable checked that the Min bound is constant
                 bound.inputs[1] = model.make_constant(bound.name + "_bound",
                                                       (upper - c.reshape(upper.shape)).astype(upper.dtype))
             norm.beta = (beta - c).astype(np.asarray(norm.beta).dtype)

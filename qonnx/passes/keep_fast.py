@@ -42,7 +42,10 @@ def layer_macs(model: Model, feed: dict[str, np.ndarray]) -> dict[str, int]:
         if node.op == "Conv" and weight is not None:
             per_output = int(np.prod(weight.shape[1:]))
         elif weight is not None:
-            axis = model.quant.get(layer.weight).scheme.axis
+            assert layer.weight is not None  # weight is read only when it is set
+            entry = model.quant.get(layer.weight)
+            assert entry is not None  # plan gives every layer weight an entry
+            axis = entry.scheme.axis
             per_output = int(weight.size // weight.shape[axis if axis is not None else -1])
         else:
             per_output = int(model.rank_of(node.inputs[0]) or 1)
@@ -68,7 +71,7 @@ class KeepFast(Pass):
     def run(self, model: Model, ctx: PassContext) -> PassResult:
         if not model.quant.layers:
             return PassResult(model, False, {"int8_vs_fp32": None})
-        feed = ctx.calibration.first_batch(1)
+        feed = ctx.data().first_batch(1)
         float_session = latency_session(model.to_bytes(), threads=self.options.threads)
 
         def latency(candidate: Model) -> tuple[float, float]:

@@ -242,7 +242,9 @@ def apply_choice(model: Model, units: list[Unit], precision_of: dict[str, str]) 
         if entry is None or entry.role is not Role.WEIGHT:
             raise PreconditionError(f"pass 'mixed-precision': weight '{unit.weight}' left the plan when other "
                                     "layers were kept float")
-        entry.scheme = unit.scheme_at(precision)
+        scheme = unit.scheme_at(precision)
+        assert scheme is not None  # only "float" has no scheme, skipped above
+        entry.scheme = scheme
 
 
 def _state(model: Model) -> tuple:

@@ -20,6 +20,7 @@ import numpy as np
 from qonnx.analyses.activation_stats import ActivationStats, collect_activation_stats
 from qonnx.core.ir import Model
 from qonnx.core.qtable import QuantState, Role, TensorQuant
+from qonnx.errors import PreconditionError
 from qonnx.infra.base import Pass, PassResult, option
 from qonnx.infra.context import PassContext
 from qonnx.numerics.quant import QuantScheme, scale_zero_point
@@ -61,6 +62,9 @@ class Protect(Pass):
         for layer in table.layers.values():
             root = table.root(layer.input)
             entry = table.get(root)
+            if entry is None or entry.scale is None or entry.zero_point is None:
+                raise PreconditionError(f"pass 'protect': layer input '{root}' has no calibrated quantization "
+                                        "parameters (protect needs quantized activations)")
             sqnr = expected_sqnr_db(stats[root], entry.scale, entry.zero_point, entry.scheme)
             if sqnr < opts.min_sqnr:
                 protected[layer.node] = sqnr
@@ -75,7 +79,7 @@ class Protect(Pass):
         replan_without(model, ctx, reasons)
         dynamic = sorted(per_run) + (sorted(protected) if opts.fallback == "dynamic" else [])
         made = _make_dynamic(model, [nodes[name] for name in dynamic])
-        stats_out = {"protected": len(protected), "per_run": len(per_run), "dynamic": made}
+        stats_out: dict[str, float] = {"protected": len(protected), "per_run": len(per_run), "dynamic": made}
         if protected:
             stats_out["lowest_sqnr_db"] = round(min(protected.values()), 2)
         return PassResult(model, True, stats_out)

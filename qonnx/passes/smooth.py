@@ -70,7 +70,7 @@ class Smooth(Pass):
         names = sorted({n.inputs[0].name for n in nodes})
         amax: dict[str, np.ndarray] = {}
         hists = {n: TensorHistogram() for n in names}
-        batches = ctx.calibration.head(self.options.samples).batches(8)
+        batches = ctx.data().head(self.options.samples).batches(8)
         for _, values in stream_tensors(model.to_onnx(), names, batches, ctx.threads):
             for name in names:
                 x = values[name]
@@ -82,6 +82,7 @@ class Smooth(Pass):
             x, w_t = node.inputs
             sqnr = _sqnr_db(hists[x.name])
             w = model.constant_value(w_t)
+            assert w is not None  # _candidates takes only MatMuls with a constant weight
             if sqnr >= self.options.min_sqnr or amax[x.name].shape[0] != w.shape[0]:
                 continue
             a = self.options.alpha

@@ -169,9 +169,9 @@ class GraphModule(nn.Module):
         return batch_norm(ins, step.attrs, step.consts, self.bn_stats.get(step.name))
 
     def capture_run(self, inputs: list[torch.Tensor], names: list[str], stop_early: bool = False
-                    ) -> dict[str, torch.Tensor]:
+                    ) -> dict[str, torch.Tensor | None]:
         """Run once and return the named intermediate tensors (as computed, before any activation quantizer);
-        with `stop_early` the run ends as soon as they are all computed."""
+        with `stop_early` the run ends as soon as they are all computed. A name no node computes maps to None."""
         self._capture = dict.fromkeys(names)
         self._capture_left = set(names) if stop_early else None
         try:

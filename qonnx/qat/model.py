@@ -59,7 +59,8 @@ class Student:
                 raise PreconditionError(f"pass 'qat': activation '{name}' has per-channel parameters")
             root = table.root(name)
             if root not in self.acts:
-                source = table.get(root) if table.get(root) is not None and table.get(root).calibrated else entry
+                root_entry = table.get(root)
+                source = root_entry if root_entry is not None and root_entry.calibrated else entry
                 self.acts[root] = ActQuantizer(source.scheme, float(np.asarray(source.scale).reshape(())),
                                                int(np.asarray(source.zero_point).reshape(())), learn=learn_acts)
             if name not in tensors:
@@ -68,6 +69,7 @@ class Student:
         for name, q in self.weights.items():
             q.update_octav(self.module.parameter(name).detach())
         for name, entry in sorted(table.of_role(Role.BIAS).items()):
+            assert entry.bias_of is not None  # planning gives every bias entry its (input, weight)
             x_name, w_name = entry.bias_of
             act = self.acts.get(table.root(x_name))
             if act is not None and w_name in self.weights and name in self.module.param_keys:
@@ -109,6 +111,8 @@ def write_back(model: Model, student: Student) -> dict[str, int]:
         quantizer = student.weights.get(name)
         if quantizer is not None:
             entry = table.get(name)
+            # Student quantizes only the calibrated weight entries of this table.
+            assert entry is not None and entry.scale is not None
             codes = quantizer.codes(param.detach())
             scale = quantizer.step_size().detach()
             entry.codes = codes.numpy().astype(np.int64)
@@ -121,14 +125,15 @@ def write_back(model: Model, student: Student) -> dict[str, int]:
         tensors[name].values = value.astype(tensors[name].values.dtype)
     for name, entry in table.of_role(Role.ACTIVATION).items():
         q = student.acts[table.root(name)]
+        # entry.scale may be None (a tie never given its own): np.shape(None) is () at runtime, numpy's stubs omit None.
         entry.scale = np.asarray(float(torch.clamp(q.scale.detach(), min=1e-8)), np.float32).reshape(
-            np.shape(entry.scale))
+            np.shape(entry.scale))  # type: ignore[arg-type]
         entry.method = entry.method.split("+qat")[0] + "+qat" if entry.method else "qat"
     for step in module.batch_norm_steps():
         stats = module.bn_stats.get(step.name)
         if stats is not None:
-            for index, value in zip((3, 4), stats, strict=True):
+            for index, stat in zip((3, 4), stats, strict=True):
                 t = tensors[step.inputs[index]]
-                t.values = value.detach().numpy().astype(t.values.dtype)
+                t.values = stat.detach().numpy().astype(t.values.dtype)
     grown = set_bias_params(model)
     return {"weights": len(student.weights), "activations": len(student.acts), "bias_scale_guards": grown}

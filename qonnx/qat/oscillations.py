@@ -40,6 +40,16 @@ def freeze_threshold(step: int, total: int, start: float, final: float, anneal_s
 class OscillationTracker(nn.Module):
     """Oscillation frequency, EMA of the integers and the frozen mask for one weight tensor (buffers)."""
 
+    # Buffers registered by name in __init__; declared here so the type checker sees them as tensors.
+    prev_int: torch.Tensor
+    prev_dir: torch.Tensor
+    freq: torch.Tensor
+    ema_int: torch.Tensor
+    frozen_int: torch.Tensor
+    frozen: torch.Tensor
+    window: torch.Tensor
+    steps: torch.Tensor
+
     def __init__(self, shape: tuple[int, ...], momentum: float = 0.01):
         super().__init__()
         if not 0.0 < momentum <= 1.0:

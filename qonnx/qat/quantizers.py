@@ -1,6 +1,6 @@
 """Fake quantizers for QAT: LSQ step sizes, per-step OCTAV clipping with magnitude-aware gradients, dampening.
 
-Grids follow the quant table (qonnx/quant.py): codes clamp(round_half_even(x / s) + z, qmin, qmax), value
+Grids follow the quant table (qonnx/numerics/quant.py): codes clamp(round_half_even(x / s) + z, qmin, qmax), value
 (q - z) s, so the fake-quant arithmetic is what the exported QuantizeLinear/DequantizeLinear compute.
 
 - LSQ (Esser et al. 2020, algorithms.md §5.1): s is learned; with round's straight-through estimator
@@ -103,7 +103,7 @@ def mad_fake_quant(w: torch.Tensor, s: torch.Tensor, qmin: int, qmax: int, froze
 
 
 def octav_clip(mag_rows: torch.Tensor, s: torch.Tensor, k: float, iterations: int) -> torch.Tensor:
-    """OCTAV fixed-point iterations per row of magnitudes (qonnx/octav.py's octav_symmetric, in torch)."""
+    """OCTAV fixed-point iterations per row of magnitudes (qonnx/numerics/octav.py's octav_symmetric, in torch)."""
     nonzero = (mag_rows > 0).sum(1).to(mag_rows.dtype)
     s_max = mag_rows.amax(1)
     s = torch.minimum(s, s_max)

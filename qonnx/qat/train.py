@@ -65,9 +65,10 @@ def _is_probabilities(t: torch.Tensor) -> bool:
     return bool((t >= 0).all() and (t <= 1).all() and torch.allclose(t.sum(1), torch.ones(len(t)), atol=1e-3))
 
 
-def _loss(kind: str, out: torch.Tensor, target: torch.Tensor | None, labels: torch.Tensor | None,
+def _loss(kind: str, out: torch.Tensor, target: torch.Tensor, labels: torch.Tensor | None,
           probs: bool) -> torch.Tensor:
     if kind == "ce":
+        assert labels is not None  # _resolve_loss picks "ce" only with labels
         return F.cross_entropy(out, labels)
     if kind == "kl":
         log_s = torch.log(out.clamp_min(1e-8)) if probs else F.log_softmax(out, 1)
@@ -85,6 +86,13 @@ def _teacher_outputs(model: Model, names: list[str], inputs: list[np.ndarray], b
     feeds = ({n: a[start:start + batch] for n, a in zip(names, inputs, strict=True)}
              for start in range(0, len(inputs[0]), batch))
     return torch.from_numpy(np.concatenate([out[first] for out in run_batches(session, feeds, [first])]))
+
+
+def _layer_output(captured: dict[str, torch.Tensor | None], name: str) -> torch.Tensor:
+    """A layer output from GraphModule.capture_run: a node computes it, so the run always sets it."""
+    value = captured[name]
+    assert value is not None, f"capture run did not compute layer output '{name}'"
+    return value
 
 
 def _channel_means(v: torch.Tensor) -> torch.Tensor:
@@ -189,8 +197,9 @@ class Trainer:
                  "train_seconds": round(time.perf_counter() - loop_start, 1), **finish}
         stats.update(write_back(self.model, student))
         if tracked:
-            stats["frozen_fraction"] = round(sum(float(q.tracker.frozen.sum()) for q in tracked.values())
-                                             / max(1, sum(q.tracker.frozen.numel() for q in tracked.values())), 5)
+            trackers = [q.tracker for q in tracked.values() if q.tracker is not None]  # all of them: tracked() filters
+            stats["frozen_fraction"] = round(sum(float(t.frozen.sum()) for t in trackers)
+                                             / max(1, sum(t.frozen.numel() for t in trackers)), 5)
         report = {"momentum": config.momentum, "dampen": config.dampen, "freeze": config.freeze,
                   "freeze_final": config.freeze_final, "steps": step, "log": report_log}
         return TrainResult(stats, report)
@@ -202,6 +211,7 @@ class Trainer:
         # What _finish runs, in forward passes of about half a training step each: BN re-estimation over up to
         # bn_batches batches, or else bias correction over as many, with the float model beside.
         batches = min(self.config.bn_batches, -(-self.count // self.config.batch_size))
+        forwards: float
         if self.student.module.batch_norm_steps():
             forwards = batches
         elif self.config.bias_correction:  # the float model once, then the student up to each corrected layer
@@ -274,16 +284,20 @@ class Trainer:
             return 0
         teacher = module.__class__(self.model).eval()
         outputs = [o for _, o in layers]
-        target = {o: 0.0 for o in outputs}
+        target: dict[str, torch.Tensor | float] = {o: 0.0 for o in outputs}
         for feed in batches:
             captured = teacher.capture_run(feed, outputs)
             for o in outputs:
-                target[o] = target[o] + _channel_means(captured[o])
+                target[o] = target[o] + _channel_means(_layer_output(captured, o))
         for bias, out in layers:
-            mean = sum(_channel_means(module.capture_run(feed, [out], stop_early=True)[out]) for feed in batches)
+            mean = sum(_channel_means(_layer_output(module.capture_run(feed, [out], stop_early=True), out))
+                       for feed in batches)
             param, grid = module.parameter(bias), module.weight_hook(bias)
             effective = grid(param) if grid is not None else param  # the bias as the layer adds it (int32 grid)
-            param.copy_(effective - ((mean - target[out]) / len(batches)).float())
+            shift = (mean - target[out]) / len(batches)
+            # A tensor: with no batches the division above has already raised ZeroDivisionError.
+            assert isinstance(shift, torch.Tensor)
+            param.copy_(effective - shift.float())
         return len(layers)
 
     def _corrected_layers(self) -> list[tuple[str, str]]:

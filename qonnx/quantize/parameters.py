@@ -15,7 +15,7 @@ INT32_LIMIT = 2**31 - 1
 
 def _guard_bias(bias: np.ndarray, s_x: float, s_w: np.ndarray) -> tuple[np.ndarray, int]:
     """Raise weight scales of channels whose int32 bias would overflow (dead channels)."""
-    need = np.abs(bias.astype(np.float64)) / (float(s_x) * INT32_LIMIT * 0.5)
+    need: np.ndarray | np.float64 = np.abs(bias.astype(np.float64)) / (float(s_x) * INT32_LIMIT * 0.5)
     if s_w.ndim == 0:  # per-tensor weights: one scale must serve every channel
         need = np.max(need)
     grow = need > s_w
@@ -28,8 +28,9 @@ def calibrate_weights(model: Model, method: str, range_opts: RangeOptions | None
     for name, entry in model.quant.of_role(Role.WEIGHT).items():
         if entry.state is QuantState.ROUNDED:
             continue
-        rmin, rmax = weight_range(model.constant_value(tensors[name]), entry.scheme, method,
-                                  range_opts or RangeOptions())
+        values = model.constant_value(tensors[name])
+        assert values is not None  # plan quantizes constant weights only
+        rmin, rmax = weight_range(values, entry.scheme, method, range_opts or RangeOptions())
         entry.scale, entry.zero_point = scale_zero_point(rmin, rmax, entry.scheme)
         entry.method, entry.state = method, QuantState.CALIBRATED
 
@@ -41,9 +42,14 @@ def set_bias_params(model: Model) -> int:
     """
     table, tensors, grown = model.quant, model.tensors(), 0
     for name, entry in table.of_role(Role.BIAS).items():
+        assert entry.bias_of is not None  # plan records the layer's input and weight with every bias
         x_name, w_name = entry.bias_of
         x_entry, w_entry = table.get(x_name), table.get(w_name)
         bias = model.constant_value(tensors[name])
+        # Plan quantizes a layer's input and weight with its constant bias, and both are calibrated
+        # (the pipeline requires it) before the bias parameters are set.
+        assert x_entry is not None and w_entry is not None and bias is not None
+        assert x_entry.scale is not None and w_entry.scale is not None
         if w_entry.state is not QuantState.ROUNDED:
             w_entry.scale, n = _guard_bias(bias, float(x_entry.scale), np.asarray(w_entry.scale))
             grown += n
@@ -57,4 +63,5 @@ def quantized_weight_codes(entry: TensorQuant, values: np.ndarray) -> np.ndarray
     """The integer codes of a weight: those a rounding pass fixed (AdaRound), else nearest rounding."""
     if entry.codes is not None:
         return np.asarray(entry.codes)
+    assert entry.scale is not None and entry.zero_point is not None  # callers pass calibrated weights only
     return quantize(values, entry.scale, entry.zero_point, entry.scheme)

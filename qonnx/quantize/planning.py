@@ -17,11 +17,12 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
+from typing import ClassVar
 
 import numpy as np
 
 from qonnx.core.ir import Model
-from qonnx.core.ops import ABSORBED_ACTIVATIONS, LAYER_OPS, REQUANT_OPS, SAME_PARAMS_OPS
+from qonnx.core.ops import ABSORBED_ACTIVATIONS, LAYER_OPS, OP_CATEGORIES, Category
 from qonnx.core.qtable import LayerQuant, Role, TensorQuant
 from qonnx.errors import PreconditionError
 from qonnx.infra.base import option
@@ -146,6 +147,7 @@ class Planner:
         else:
             self.quantizable.add(out.name)
         if bias_name:
+            assert weight_name is not None  # a bias is only taken beside a constant weight
             scheme = QuantScheme(bits=32, signed=True, symmetric=True, axis=0, narrow=False)
             self.table.set(bias_name, TensorQuant(Role.BIAS, scheme, bias_of=(x.name, weight_name)))
         self.table.layers[node.name] = LayerQuant(node.name, node.op, x.name, weight_name, bias_name, out.name)
@@ -196,7 +198,9 @@ class Planner:
         out = node.outputs[0]
         self.activation(x)
         self.activation(out)
-        self.table.get(x.name).tied_to = out.name
+        x_entry = self.table.get(x.name)
+        assert x_entry is not None  # activation() just made it
+        x_entry.tied_to = out.name
 
     def same_params(self, node) -> None:
         m = self.model
@@ -209,6 +213,21 @@ class Planner:
                 self.quantizable.add(out.name)
                 self.parent[out.name] = data.name
 
+    def absorbed_activation(self, node) -> None:
+        """A Relu/Clip after a quantized tensor carries quantized values too (its Q absorbs it)."""
+        if node.inputs[0].name in self.quantizable:
+            self.quantizable.add(node.outputs[0].name)
+
+    # What the plan does with each op category (qonnx.core.ops); other ops stay float.
+    RULES: ClassVar[dict[Category, str]] = {
+        Category.LAYER: "compute",
+        Category.REQUANT: "requant",
+        Category.MOVEMENT: "same_params",
+        Category.MOVEMENT_QDQ: "same_params",
+        Category.BOUND: "bounded",
+        Category.ACTIVATION: "absorbed_activation",
+    }
+
     def run(self) -> None:
         self.parent: dict[str, str] = {}
         excluded = set(self.opts.exclude)
@@ -216,21 +235,16 @@ class Planner:
         if unknown:
             raise PreconditionError(f"pass 'plan': exclude names unknown node(s) {', '.join(map(repr, unknown))}")
         compute = [n.name for n in self.model.toposort() if n.op in LAYER_OPS and n.name not in excluded]
+        self.first: str | None
+        self.last: str | None
         self.first, self.last = (compute[0], compute[-1]) if compute else (None, None)
         for node in self.model.toposort():
             if node.name in excluded:
                 self.keep_float(node, "excluded by the user")
                 continue
-            if node.op in LAYER_OPS:
-                self.compute(node)
-            elif node.op in REQUANT_OPS:
-                self.requant(node)
-            elif node.op in SAME_PARAMS_OPS:
-                self.same_params(node)
-            elif node.op == "Min":
-                self.bounded(node)
-            elif node.op in ABSORBED_ACTIVATIONS and node.inputs[0].name in self.quantizable:
-                self.quantizable.add(node.outputs[0].name)
+            category = OP_CATEGORIES.get(node.op)
+            if category in self.RULES:
+                getattr(self, self.RULES[category])(node)
         # A quantized data-movement output shares its source's parameters, and every
         # tensor of the chain back to the source is quantized too, so that ORT sees
         # DQ -> op -> Q with equal parameters and runs the op on integers.

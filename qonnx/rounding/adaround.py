@@ -1,4 +1,4 @@
-"""AdaRound (Nagel et al. 2020): learned rounding on the moment-form loss of qonnx/layer_moments.py.
+"""AdaRound (Nagel et al. 2020): learned rounding on the moment-form loss of qonnx/rounding/layer_moments.py.
 
 Soft quantization on a fixed grid (integer range [qmin, qmax], scale s > 0, zero point z):
     h(V) = clip(sigmoid(V) (zeta - gamma) + gamma, 0, 1),   zeta = 1.1, gamma = -0.1
@@ -12,7 +12,7 @@ f_reg is off for the first 20% of the iterations (warm start), then beta decays 
 Adam (torch defaults) on V, with the chain rule
     dL/dV = (s dL_rec/dW~ + lambda df_reg/dh) h'(V),   h'(V) = (zeta - gamma) sigmoid(V)(1 - sigmoid(V))
 where h' is taken as 0 when h is clipped to 0 or 1 or the weight is frozen. At the end h = 1[V >= 0],
-and a local search on the exact loss (qonnx/rounding_search.py) repairs what hardening undecided weights cost.
+and a local search on the exact loss (qonnx/rounding/search.py) repairs what hardening undecided weights cost.
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Layer reconstruction in closed moment form (AdaRound's loss), on the weight blocks of qonnx/layer_blocks.py.
+"""Layer reconstruction in closed moment form (AdaRound's loss), on the weight blocks of qonnx/rounding/layer_blocks.py.
 
 A grouped conv is g independent blocks W_g [O/g, I_g] with their own moments, so all arrays here are
 block-stacked as [g, O_g, I_g] (depthwise: [C, multiplier, k*k]) and each step is one batched matmul.

@@ -166,7 +166,7 @@ def stream_tensors(proto: onnx.ModelProto, names: Iterable[str], batches: Iterab
     session = (make_session(truncated(proto, wanted).SerializeToString(), threads=threads, spinning=False)
                if wanted else None)
     for feed in batches:
-        values = dict(zip(wanted, session.run(wanted, feed))) if wanted else {}
+        values = dict(zip(wanted, session.run(wanted, feed))) if session is not None else {}  # None iff not wanted
         values.update({n: feed[n] for n in names if n in graph_inputs})
         yield feed, values
         values.clear()  # see the docstring: one batch of outputs alive at a time

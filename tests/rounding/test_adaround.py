@@ -1,4 +1,4 @@
-"""Numerical core of AdaRound (qonnx/adaround.py), graph-independent.
+"""Numerical core of AdaRound (qonnx/rounding/adaround.py), graph-independent.
 
 1. The moment form of L_rec and its gradient equals the direct computation on a naive, position-by-position
    reference convolution (itself checked against onnxruntime) for Conv (pads, strides, dilations, groups,
