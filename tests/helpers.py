@@ -17,6 +17,10 @@ import onnx
 import onnxruntime as ort
 from onnx import helper, numpy_helper
 
+from qonnx.data.calibration import open_calibration
+from qonnx.infra.context import PassContext
+from qonnx.passes import parse_pipeline
+
 OPSET = 17
 IMPORTS = f'<ir_version: 8, opset_import: ["" : {OPSET}]>'
 
@@ -386,3 +390,14 @@ def install_step_clock(monkeypatch, cost: Callable[..., float], *modules) -> Ste
     for module in (core, *modules):
         monkeypatch.setattr(module, "time", clock)
     return clock
+
+
+def run_passes(model, spec: str, data):
+    """Run each pass of `spec` in turn on a calibration context of `data`: (model, the results, the context)."""
+    ctx = PassContext(calibration=open_calibration(data, model), seed=0)
+    results = []
+    for p in parse_pipeline(spec):
+        result = p.run(model, ctx)
+        model = result.model
+        results.append(result)
+    return model, results, ctx

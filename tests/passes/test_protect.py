@@ -6,22 +6,11 @@ import numpy as np
 import pytest
 
 import qonnx
-from qonnx.data.calibration import open_calibration
 from qonnx.errors import PreconditionError
-from qonnx.infra.context import PassContext
 from qonnx.passes import parse_pipeline
 from qonnx.runtime.ort import make_session
 from tests.helpers import build_model, conv_bn_relu_conv, import_proto, make_samples, randn, rng
-
-
-def run(model, spec: str, data):
-    ctx = PassContext(calibration=open_calibration(data, model), seed=0)
-    results = []
-    for p in parse_pipeline(spec):
-        result = p.run(model, ctx)
-        model = result.model
-        results.append(result)
-    return model, results, ctx
+from tests.helpers import run_passes as run
 
 
 def outlier_mlp(seed: int = 31):
