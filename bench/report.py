@@ -215,6 +215,32 @@ def scaling_section(sc: dict[str, Any] | None) -> list[str]:
     return lines + [""]
 
 
+def graph_scaling_section(gs: dict[str, Any] | None) -> list[str]:
+    """Time against graph size (bench/graph_scaling.py): linear passes keep seconds per node flat."""
+    if not gs:
+        return []
+    lines = [
+        "## Graph-size scaling of qonnx",
+        "",
+        f"`{gs['pipeline']}` on generated chains of MatMul -> Add(bias) -> Relu (batch 1, {gs['width']} features, "
+        f"{gs['calibration_samples']} calibration rows), each size in a fresh process; time includes the export "
+        "and the save.",
+        "",
+        "| nodes | time s | ms per node | canonicalize s | all passes s | export, checks, save s | peak RSS MB |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for r in gs["runs"]:
+        if not r.get("ok"):
+            lines.append(f"| {r['nodes']} | failed: {_short(r.get('error'))} | – | – | – | – | – |")
+            continue
+        passes = r.get("pass_seconds") or {}
+        in_passes = sum(passes.values())
+        lines.append(f"| {r['nodes']} | {r['seconds']:.1f} | {1000 * r['seconds'] / r['nodes']:.2f} | "
+                     f"{_num(passes.get('canonicalize'), 2)} | {in_passes:.2f} | {r['seconds'] - in_passes:.1f} | "
+                     f"{r['peak_mb']:.0f} |")
+    return lines + [""]
+
+
 def determinism_section(tasks: dict[str, Any]) -> list[str]:
     lines = ["## Determinism", "",
              "qonnx w8a8 run twice per task, in two fresh processes, same model, calibration data and seed (0).", "",
@@ -317,5 +343,6 @@ def render(results: dict[str, Any]) -> str:
     for res in results["tasks"].values():
         lines += task_section(res, threads)
     lines += scaling_section(results.get("scaling"))
+    lines += graph_scaling_section(results.get("graph_scaling"))
     lines += determinism_section(results["tasks"])
     return "\n".join(lines).rstrip() + "\n"

@@ -1,12 +1,13 @@
 """Benchmark qonnx against ONNX Runtime's quantizer on the real-model tasks; writes BENCHMARKS.md.
 
-    python bench/run.py [--tasks a,b] [--quick] [--out BENCHMARKS.md] [--json bench/results.json]
+    python bench/run.py [--tasks a,b] [--quick] [--graph-scaling] [--out BENCHMARKS.md] [--json bench/results.json]
 
 For each task, in one run: FP32, ORT default static quantization, the best of three ORT
 per-channel QDQ configurations, (MiniLM) ORT dynamic quantization, and qonnx `w8a8`. Each
 quantization runs in its own process (bench/worker.py) so its time and peak RSS are its own;
 metrics come from the task's evaluator; latency is measured with all models of a task
-interleaved in the same call. Outputs go to bench/out/<task>/ (gitignored).
+interleaved in the same call. Outputs go to bench/out/<task>/ (gitignored). `--graph-scaling` also times
+`w8a8-static` on generated graphs of 1k/3k/10k nodes (bench/graph_scaling.py; `--tasks ""` for only that).
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ sys.path.insert(0, str(REPO))  # `models` is a top-level package of the repo, no
 
 import ort_baselines as ob  # noqa: E402  (bench/ is this script's directory)
 import report  # noqa: E402
+from graph_scaling import graph_scaling  # noqa: E402
 from jobs import memory_cap_mb, run_job  # noqa: E402
 from variants import DEFAULT_TASKS, PER_TENSOR_ORT_TASKS, SCALING_TASK, VARIANTS  # noqa: E402
 
@@ -47,6 +49,7 @@ class Settings:
     threads: tuple[int, ...]
     scaling_sizes: tuple[int, int]
     seed: int = 0
+    graph_sizes: tuple[int, ...] = (1000, 3000, 10000)  # nodes of the generated graphs (--graph-scaling)
     # Rounds go on past `runs` until this much time has passed (at most 10x runs): 100 rounds of a
     # 25-microsecond model are a few milliseconds, too short for a steady median.
     latency_seconds: float = 0.0
@@ -379,6 +382,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--quick", action="store_true", help="smoke test: 8 calibration / 32 eval samples, 10 runs")
     ap.add_argument("--runs", type=int, help="latency runs per model and thread count (default 100; quick 10)")
     ap.add_argument("--no-scaling", action="store_true", help="skip the memory-scaling check")
+    ap.add_argument("--graph-scaling", action="store_true",
+                    help="also time w8a8-static on generated MatMul/Add/Relu graphs of 1k/3k/10k nodes")
     ap.add_argument("--out", type=Path, default=REPO / "BENCHMARKS.md")
     ap.add_argument("--json", type=Path, default=BENCH / "results.json")
     ap.add_argument("--render", type=Path, metavar="JSON",
@@ -399,7 +404,7 @@ def main(argv: list[str] | None = None) -> int:
         ap.error(f"unknown task(s) {', '.join(unknown)}; known: {', '.join(tasks_mod.TASKS)}")
     cap = memory_cap_mb()
     results: dict[str, Any] = {"machine": machine_info(), "settings": asdict(st), "memory_cap_mb": cap,
-                               "tasks": {}, "scaling": None,
+                               "tasks": {}, "scaling": None, "graph_scaling": None,
                                "json_path": _display(args.json)}
     say(f"benchmark of {', '.join(names)} ({'quick' if st.quick else 'full'}); per-job memory cap {cap:.0f} MB")
 
@@ -421,6 +426,11 @@ def main(argv: list[str] | None = None) -> int:
     if not args.no_scaling and SCALING_TASK in tasks_mod.TASKS:
         say(f"memory scaling on {SCALING_TASK}")
         results["scaling"] = memory_scaling(tasks_mod, out_root, st, cap)
+    if args.graph_scaling:
+        say(f"graph-size scaling: w8a8-static on generated graphs of {', '.join(map(str, st.graph_sizes))} nodes")
+        results["graph_scaling"] = graph_scaling(out_root, st.graph_sizes, st.seed, cap)
+        for run in results["graph_scaling"]["runs"]:
+            say(f"  {run['nodes']} nodes: " + (f"{run['seconds']:.1f} s" if run.get("ok") else f"failed: {run['error']}"))
     flush()
     say(f"wrote {args.out} and {args.json}")
     return 0

@@ -18,10 +18,11 @@ from typing import Any, Iterable, Iterator
 import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
-from onnx import numpy_helper
 
 from qonnx._version import __version__
-from qonnx.core.modelio import read_model_proto
+from qonnx.core import modelio
+from qonnx.core.folding import FOLD_ROUNDS, FoldGuard, fold_size_limit
+from qonnx.core.names import LiveNames
 from qonnx.core.qtable import QuantTable
 from qonnx.errors import InputError, UnsupportedModelError
 
@@ -74,6 +75,9 @@ class Model:
     folded_norms: dict[str, FoldedNorm] = field(default_factory=dict)  # layer output name -> BN
     source_path: Path | None = None
     _taken: set[str] | None = field(default=None, repr=False, compare=False)
+    _live: LiveNames | None = field(default=None, repr=False, compare=False)
+    # (graph, whether a node of it may hold a subgraph): spares a scan of every node per query
+    _subgraph_flag: tuple[gs.Graph, bool] | None = field(default=None, repr=False, compare=False)
 
     # ---------------------------------------------------------------- conversion
     @classmethod
@@ -103,7 +107,7 @@ class Model:
         del proto.opset_import[:]
         proto.opset_import.extend(onnx.helper.make_opsetid(d, v) for d, v in sorted(domains.items()))
         # IR version: keep the input's unless the opset needs a newer one.
-        proto.ir_version = max(self.ir_version, _min_ir_version(self.opset))
+        proto.ir_version = max(self.ir_version, modelio.min_ir_version(self.opset))
         proto.producer_name = "qonnx"
         proto.producer_version = __version__
         del proto.metadata_props[:]
@@ -127,7 +131,7 @@ class Model:
 
     def copy(self) -> Model:
         """An independent copy (weights are copied too: passes may edit arrays)."""
-        return Model.from_onnx(_reload(self.to_onnx()), self.source_path)._with_state_of(self)
+        return Model.from_onnx(modelio.reparse(self.to_onnx()), self.source_path)._with_state_of(self)
 
     def _with_state_of(self, other: Model) -> Model:
         self.opset, self.ir_version, self.producer_name = other.opset, other.ir_version, other.producer_name
@@ -206,8 +210,17 @@ class Model:
     def is_graph_output(self, tensor: gs.Tensor) -> bool:
         return any(t.name == tensor.name for t in self.graph.outputs)
 
+    def _may_have_subgraphs(self) -> bool:
+        """False when no node holds a subgraph, O(1) after one scan of a graph: such nodes enter only through
+        import, `add_node` and constant folding (flattened If branches), which update or drop the flag."""
+        if self._subgraph_flag is None or self._subgraph_flag[0] is not self.graph:
+            self._subgraph_flag = (self.graph, any(_subgraphs(n) for n in self.graph.nodes))
+        return self._subgraph_flag[1]
+
     def used_in_subgraph(self, tensor: gs.Tensor) -> bool:
         """True when a nested If/Loop body reads this outer-scope tensor."""
+        if not self._may_have_subgraphs():
+            return False
         for node in self.graph.nodes:
             for sub in _subgraphs(node):
                 if tensor.name in _outer_names(sub):
@@ -223,7 +236,7 @@ class Model:
         return consumers[0]
 
     def has_subgraphs(self) -> bool:
-        return any(_subgraphs(n) for n in self.graph.nodes)
+        return self._may_have_subgraphs() and any(_subgraphs(n) for n in self.graph.nodes)
 
     def subgraph_ops(self) -> dict[str, int]:
         """Op counts inside If/Loop/Scan bodies (left in float: they are passed through)."""
@@ -254,7 +267,11 @@ class Model:
 
     # ---------------------------------------------------------------- edits
     def unique_name(self, hint: str) -> str:
-        taken = self._taken if self._taken is not None else self.tensors().keys() | {n.name for n in self.graph.nodes}
+        """`hint`, or `hint_1`, `hint_2`, ...: the first name no tensor or node of the graph has (O(graph) per
+        call outside a session, O(1) inside `naming_session` or `live_naming`)."""
+        taken: Any = self._taken if self._taken is not None else self._live
+        if taken is None:
+            taken = self.tensors().keys() | {n.name for n in self.graph.nodes}
         name, i = hint, 0
         while name in taken:
             i += 1
@@ -274,10 +291,29 @@ class Model:
         finally:
             self._taken = None
 
+    @contextlib.contextmanager
+    def live_naming(self) -> Iterator[None]:
+        """Within the block, `unique_name` gives in O(1) the names it gives outside a session (names freed by
+        an edit are reused), for rewrites that add and remove nodes and tensors through this Model (see
+        `LiveNames`); nodes dropped by other means keep their names taken until the block ends."""
+        self._live = LiveNames(self.graph)
+        try:
+            yield
+        finally:
+            self._live = None
+
     def make_constant(self, hint: str, values: np.ndarray) -> gs.Constant:
         values = np.asarray(values)
         # ascontiguousarray would turn a 0-d array into 1-d: per-tensor Q/DQ parameters must stay scalars.
-        return gs.Constant(self.unique_name(hint), values if values.flags.c_contiguous else values.copy(order="C"))
+        return self._noted(gs.Constant(self.unique_name(hint),
+                                       values if values.flags.c_contiguous else values.copy(order="C")))
+
+    def _noted(self, *tensors: Any) -> Any:
+        """The (last) tensor, recorded in the live name index when one is open."""
+        if self._live is not None:
+            for tensor in tensors:
+                self._live.add_tensor(tensor)
+        return tensors[-1]
 
     @staticmethod
     def omitted_input() -> gs.Variable:
@@ -285,7 +321,7 @@ class Model:
         return gs.Variable.empty()
 
     def make_variable(self, hint: str, dtype: Any = None, shape: Any = None) -> gs.Variable:
-        return gs.Variable(self.unique_name(hint), dtype=dtype, shape=shape)
+        return self._noted(gs.Variable(self.unique_name(hint), dtype=dtype, shape=shape))
 
     def add_node(
         self,
@@ -301,29 +337,52 @@ class Model:
             domain=domain,
         )
         self.graph.nodes.append(node)
+        if self._live is not None:
+            self._live.add_node(node)
+        if _subgraphs(node) and self._subgraph_flag is not None:
+            self._subgraph_flag = (self._subgraph_flag[0], True)
         return node
 
-    def bypass(self, node: gs.Node, keep: gs.Tensor | None = None) -> None:
-        """Remove a single-input pass-through node, rewiring its consumers to its input.
+    def remove_nodes(self, nodes: Iterable[gs.Node]) -> None:
+        """Detach the nodes and drop them from the graph in one pass (`graph.nodes.remove` scans the list with
+        graphsurgeon's slow node comparison per node: quadratic in a loop)."""
+        doomed = {id(n): n for n in nodes}
+        for node in doomed.values():
+            self.detach_node(node)
+        self.graph.nodes[:] = [n for n in self.graph.nodes if id(n) not in doomed]
 
-        When the node's output is a graph output, the input is renamed instead so
-        that the model keeps its interface.
+    def detach_node(self, node: gs.Node) -> None:
+        """Disconnect a node (no inputs, no outputs) and free its name; it stays in the graph's list until
+        `remove_nodes` or `cleanup` drops it, so a loop can detach many and remove them in one pass."""
+        node.inputs.clear()
+        node.outputs.clear()
+        if self._live is not None:
+            self._live.remove_node(node)
+
+    def bypass(self, node: gs.Node, keep: gs.Tensor | None = None, *, remove: bool = True) -> bool:
+        """Remove a single-input pass-through node, rewiring its consumers to its input; returns whether it did.
+
+        When the node's output is a graph output, the input is renamed instead so that the model keeps its
+        interface. `remove=False` only detaches it, for one `remove_nodes` (or `cleanup`) of many later.
         """
         src = keep if keep is not None else node.inputs[0]
         out = node.outputs[0]
         if self.is_graph_output(out):
             if self.is_graph_output(src) or src in self.graph.inputs or isinstance(src, gs.Constant):
-                return  # cannot remove without changing the interface
+                return False  # cannot remove without changing the interface
             name = out.name
             out.name = self.unique_name(name + "_removed")
             src.name = name
+            self._noted(out, src)
             src.dtype, src.shape = out.dtype or src.dtype, out.shape or src.shape
             self.graph.outputs = [src if t is out else t for t in self.graph.outputs]
         for consumer in list(out.outputs):
             consumer.inputs = [src if t is out else t for t in consumer.inputs]
-        node.outputs.clear()
-        node.inputs.clear()
-        self.graph.nodes.remove(node)
+        if remove:
+            self.remove_nodes([node])
+        else:
+            self.detach_node(node)
+        return True
 
     def replace_uses(self, old: gs.Tensor, new: gs.Tensor) -> None:
         for consumer in list(old.outputs):
@@ -336,9 +395,18 @@ class Model:
         self.graph.cleanup(remove_unused_graph_inputs=False).toposort(recurse_subgraphs=False)
 
     def fold_constants(self) -> None:
-        """Fold constant subgraphs (Shape chains included) with ORT, in memory."""
-        self.graph.fold_constants(fold_shapes=True, partitioning=None, error_ok=True, recurse_subgraphs=False)
-        self.cleanup()
+        """Fold constant subgraphs (Shape chains included) with ORT, in memory; outputs above
+        `fold_size_limit` are neither folded nor evaluated."""
+        limit = fold_size_limit(t for t in self.graph.tensors().values() if isinstance(t, gs.Constant))
+        for _ in range(FOLD_ROUNDS):
+            guard = FoldGuard(limit, lambda t: isinstance(t, gs.Constant))
+            before = len(self.graph.nodes)
+            self.graph.fold_constants(fold_shapes=True, partitioning=None, error_ok=True, recurse_subgraphs=False,
+                                      size_threshold=limit, should_exclude_node=guard)
+            self._subgraph_flag = None  # folding flattens If nodes whose condition is constant: their bodies join
+            self.cleanup()
+            if not guard.unsized or len(self.graph.nodes) >= before:  # else sized from this round's values
+                break
 
     def infer_shapes(self) -> None:
         """Refresh dtypes/shapes of every tensor through ONNX shape inference."""
@@ -380,68 +448,11 @@ def _outer_names(graph: gs.Graph) -> set[str]:
     return names
 
 
-def _min_ir_version(opset: int) -> int:
-    # From onnx/helper.py VERSION_TABLE: the IR version that introduced each opset.
-    if opset >= 23:
-        return 11
-    if opset >= 21:
-        return 10
-    if opset >= 19:
-        return 9
-    if opset >= 15:
-        return 8
-    return 7
-
-
-def _reload(proto: onnx.ModelProto) -> onnx.ModelProto:
-    fresh = onnx.ModelProto()
-    fresh.ParseFromString(proto.SerializeToString())
-    return fresh
-
-
 # -------------------------------------------------------------------- loading
-def _lift_constant_nodes(proto: onnx.ModelProto) -> int:
-    """Turn top-level `Constant` nodes into initializers (PP-OCR keeps every weight that way)."""
-    keep, lifted = [], 0
-    for node in proto.graph.node:
-        if node.op_type == "Constant" and node.domain in ("", "ai.onnx") and len(node.attribute) == 1:
-            attr = node.attribute[0]
-            value = None
-            if attr.name == "value":
-                value = numpy_helper.to_array(attr.t)
-            elif attr.name in ("value_float", "value_int"):
-                value = np.array(attr.f if attr.name == "value_float" else attr.i,
-                                 dtype=np.float32 if attr.name == "value_float" else np.int64)
-            elif attr.name in ("value_floats", "value_ints"):
-                value = np.array(list(attr.floats if attr.name == "value_floats" else attr.ints),
-                                 dtype=np.float32 if attr.name == "value_floats" else np.int64)
-            if value is not None:
-                proto.graph.initializer.append(numpy_helper.from_array(value, node.output[0]))
-                lifted += 1
-                continue
-        keep.append(node)
-    if lifted:
-        del proto.graph.node[:]
-        proto.graph.node.extend(keep)
-    return lifted
-
-
-def _name_nodes(graph: onnx.GraphProto) -> None:
-    """Give unnamed nodes stable, unique names: the quant table and reports refer to them."""
-    all_names = {n.name for n in graph.node if n.name}
-    seen: set[str] = set()
-    for index, node in enumerate(graph.node):
-        if not node.name or node.name in seen:
-            name = f"{node.op_type}_{index}"
-            while name in all_names or name in seen:
-                name += "_"
-            node.name = name
-        seen.add(node.name)
-
-
 def import_model(proto: onnx.ModelProto, source_path: Path | None = None) -> Model:
     """Check, upgrade, shape-infer and convert a model proto into the IR."""
     name = str(source_path) if source_path else "model"
+    modelio.check_tensor_sizes(proto)
     found = sorted({n.op_type for n in Model._all_nodes(proto.graph) if n.op_type in QUANTIZED_OPS})
     if found:
         raise UnsupportedModelError(
@@ -451,7 +462,7 @@ def import_model(proto: onnx.ModelProto, source_path: Path | None = None) -> Mod
         onnx.checker.check_model(proto)
     except onnx.checker.ValidationError as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else "invalid model"
-        raise InputError(f"{name} fails the ONNX checker: {first}") from e
+        raise InputError(f"{name} fails the ONNX checker: {modelio.one_line(first, 200)}") from e
     opset = next((o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")), None)
     if opset is None:
         raise UnsupportedModelError(f"{name} has no default-domain opset import")
@@ -460,9 +471,10 @@ def import_model(proto: onnx.ModelProto, source_path: Path | None = None) -> Mod
         try:
             proto = onnx.version_converter.convert_version(proto, MIN_OPSET)
         except Exception as e:
-            raise UnsupportedModelError(f"{name} uses opset {opset} and could not be upgraded to {MIN_OPSET}: {e}") from e
-    _name_nodes(proto.graph)
-    lifted = _lift_constant_nodes(proto)
+            raise UnsupportedModelError(
+                f"{name} uses opset {opset} and could not be upgraded to {MIN_OPSET}: {modelio.one_line(e)}") from e
+    modelio.name_nodes(proto.graph)
+    lifted = modelio.lift_constant_nodes(proto)
     if lifted:
         log.info("lifted %d Constant nodes to initializers", lifted)
     try:
@@ -484,4 +496,4 @@ def numpy_dtype(onnx_type: int) -> np.dtype:
 
 def load_model(path: str | os.PathLike[str]) -> Model:
     """Read, check and import an ONNX file as IR (see `import_model`)."""
-    return import_model(read_model_proto(path), Path(path))
+    return import_model(modelio.read_model_proto(path), Path(path))

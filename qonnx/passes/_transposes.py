@@ -10,6 +10,9 @@ fold-bn, cle and the exporters recognise.
 
 from __future__ import annotations
 
+import heapq
+import itertools
+
 import numpy as np
 
 from qonnx.core.ir import Model
@@ -89,20 +92,24 @@ def _is_inverse(model: Model, node, perm: list[int]) -> bool:
     return inner is not None and [perm[i] for i in inner] == list(range(len(perm)))
 
 
-def _reaches_inverse(model: Model, transpose, perm: list[int]) -> bool:
-    """Whether sinking this Transpose ends in its inverse (else moving it would only shuffle the graph)."""
+def _walk(model: Model, transpose, perm: list[int]) -> tuple[bool, object | None]:
+    """Whether sinking this Transpose ends in its inverse (else moving it would only shuffle the graph), and
+    when it does not, the Transpose that stopped the walk (sinking that one may clear the way)."""
     out = transpose.outputs[0]
     for _ in range(len(model.nodes)):
         step = _step(model, out, perm)
         if step is None:
-            return False
+            consumer = model.sole_consumer(out) if out.outputs else None
+            return False, consumer if consumer is not None and consumer.op == "Transpose" else None
         if step[0] == "cancel":
-            return True
+            return True, None
         out = step[1].outputs[0]  # past the consumer, the Transpose would sit on the consumer's output
-    return False
+    return False, None
 
 
-def _sink_one(model: Model, transpose, perm: list[int]) -> bool:
+def _sink_one(model: Model, transpose, perm: list[int], killed: list, inverses: list) -> bool:
+    """One move of `transpose` past what reads it; nodes it makes dead (outputs cleared) go to `killed`, the
+    inverses it cancels with to `inverses` too."""
     step = _step(model, transpose.outputs[0], perm)
     if step is None:
         return False
@@ -113,12 +120,15 @@ def _sink_one(model: Model, transpose, perm: list[int]) -> bool:
         for inverse in extra:
             model.replace_uses(inverse.outputs[0], source)
             inverse.outputs.clear()
+            killed.append(inverse)
+            inverses.append(inverse)
         for i, other in enumerate([c for c in model.consumers(out) if c not in extra]):
             copy = model.make_variable(f"{out.name}_copy{i}", dtype=out.dtype)
             model.add_node("Transpose", [source], [copy], attrs={"perm": list(perm)},
                            name=f"{transpose.name}_copy{i}")
             other.inputs = [copy if t is out else t for t in other.inputs]
         transpose.outputs.clear()
+        killed.append(transpose)
     elif kind == "unary":
         _move_below(model, [transpose], consumer, [source, *consumer.inputs[1:]])
     elif kind == "constant":
@@ -131,6 +141,7 @@ def _sink_one(model: Model, transpose, perm: list[int]) -> bool:
         first = consumer.inputs[0] is transpose.outputs[0]
         other = extra.inputs[0]
         _move_below(model, [transpose, extra], consumer, [source, other] if first else [other, source])
+        killed.append(extra)
     else:  # pad
         rank = len(perm)
         begin, end = np.zeros(rank, np.int64), np.zeros(rank, np.int64)
@@ -142,20 +153,58 @@ def _sink_one(model: Model, transpose, perm: list[int]) -> bool:
 
 
 def sink_transposes(model: Model) -> int:
-    """Move Transposes below layout-agnostic ops where they meet their inverse; returns Transposes removed."""
+    """Move Transposes below layout-agnostic ops where they meet their inverse; returns Transposes removed.
+
+    Transposes are taken in topological order, each sunk as far as it goes before the next is looked at;
+    one whose walk stopped at another Transpose is looked at again as soon as that one has moved. The order
+    is kept in a heap rather than re-sorting the graph per Transpose, and the nodes a move makes dead leave
+    at once, so a round costs O(n log n); another round runs only when one moved something.
+    """
     before = sum(n.op == "Transpose" for n in model.nodes)
-    for _ in range(4 * len(model.nodes) + 1):  # every move goes one node further down: this bounds them
-        candidates = [n for n in model.toposort() if n.op == "Transpose" and n.outputs]
-        chosen = perm = None
-        for t in candidates:
-            perm = _perm(model, t)
-            if perm is not None and _reaches_inverse(model, t, perm):
-                chosen = t
-                break
-        if chosen is None:
+    for _ in range(len(model.nodes) + 1):  # a round moves something or ends the loop: this bounds them
+        with model.live_naming():
+            moved = _sink_round(model)
+        if not moved:
             break
-        assert perm is not None  # chosen is set only together with its perm
-        while chosen.outputs and _sink_one(model, chosen, perm):
-            pass
         model.cleanup()
     return before - sum(n.op == "Transpose" for n in model.nodes)
+
+
+def _sink_round(model: Model) -> bool:
+    """One pass over the Transposes in topological order; returns whether any moved."""
+    order = model.toposort()
+    rank = {id(n): float(i) for i, n in enumerate(order)}
+    tiebreak = itertools.count()
+    heap = [(rank[id(n)], next(tiebreak), n) for n in order if n.op == "Transpose" and n.outputs]
+    heapq.heapify(heap)
+    waiting: dict[int, list] = {}  # id of a Transpose -> (key, Transpose) of the walks it stopped
+    moved, dead = False, []
+    while heap:
+        key, _, transpose = heapq.heappop(heap)
+        perm = _perm(model, transpose) if transpose.outputs else None
+        if perm is None:
+            continue
+        reaches, blocker = _walk(model, transpose, perm)
+        if not reaches:
+            if blocker is not None:
+                waiting.setdefault(id(blocker), []).append((key, transpose))
+            continue
+        killed: list = []
+        inverses: list = []
+        first_new = len(model.nodes)
+        while transpose.outputs and _sink_one(model, transpose, perm, killed, inverses):
+            pass
+        moved = True
+        # Copies of the Transpose for other readers of the cancelled pair sit where the pair met.
+        at = min((rank.get(id(n), key) for n in inverses), default=key) - 0.5
+        for node in model.nodes[first_new:]:
+            rank[id(node)] = at
+            heapq.heappush(heap, (at, next(tiebreak), node))
+        for gone in (transpose, *killed):
+            for entry_key, waiter in waiting.pop(id(gone), []):
+                heapq.heappush(heap, (entry_key, next(tiebreak), waiter))
+        for node in killed:  # as if removed (names free again); they leave the list in one pass below
+            model.detach_node(node)
+        dead += killed
+    model.remove_nodes(dead)
+    return moved

@@ -45,8 +45,18 @@ def _fold_pad_into_conv(model: Model) -> int:
 
 
 def _matmul_add_to_gemm(model: Model) -> int:
-    """2-D MatMul(x, W) + Add(b) -> Gemm(x, W, b): ORT then fuses it with an int32 bias (QGemm)."""
-    fused = 0
+    """2-D MatMul(x, W) + Add(b) -> Gemm(x, W, b): ORT then fuses it with an int32 bias (QGemm).
+
+    Linear in the graph: names come from a live naming session (each fused pair frees its names for the
+    Gemm, as a fresh scan of the graph would) and the fused pairs leave the node list in one pass at the end.
+    """
+    with model.live_naming():
+        fused = _fuse_matmul_adds(model)
+    return fused
+
+
+def _fuse_matmul_adds(model: Model) -> int:
+    fused, removed = 0, []
     for mm in [n for n in model.nodes if n.op == "MatMul"]:
         x, w_t = mm.inputs
         w = model.constant_value(w_t)
@@ -63,13 +73,12 @@ def _matmul_add_to_gemm(model: Model) -> int:
             continue
         bias = model.make_constant(mm.name + "_bias", b.reshape(-1))
         gemm_out = add.outputs[0]
-        add.outputs.clear()
-        add.inputs.clear()
-        mm.outputs.clear()
-        model.graph.nodes.remove(add)
-        model.graph.nodes.remove(mm)
+        model.detach_node(add)
+        model.detach_node(mm)
+        removed += [add, mm]
         model.add_node("Gemm", [x, w_t, bias], [gemm_out], name=mm.name)
         fused += 1
+    model.remove_nodes(removed)
     return fused
 
 
@@ -168,18 +177,20 @@ def _is_noop_cast(model: Model, node) -> bool:
 
 
 def _drop_identities(model: Model) -> int:
-    dropped = 0
-    for node in list(model.nodes):
-        if node.op == "Identity" or _is_noop_cast(model, node) or (node.op == "Dropout" and (
-                len(node.outputs) == 1 or not (model.consumers(node.outputs[1]) or model.is_graph_output(node.outputs[1])))):
-            if model.used_in_subgraph(node.outputs[0]):
-                continue
-            while len(node.outputs) > 1:
-                node.outputs.pop()
-            n_before = len(model.nodes)
-            model.bypass(node)
-            dropped += len(model.nodes) < n_before
-    return dropped
+    """Bypass Identity, no-op Cast and mask-less Dropout nodes; the bypassed nodes leave the list in one pass."""
+    dropped = []
+    with model.live_naming():
+        for node in list(model.nodes):
+            if node.op == "Identity" or _is_noop_cast(model, node) or (node.op == "Dropout" and (
+                    len(node.outputs) == 1 or not (model.consumers(node.outputs[1]) or model.is_graph_output(node.outputs[1])))):
+                if model.used_in_subgraph(node.outputs[0]):
+                    continue
+                while len(node.outputs) > 1:
+                    node.outputs.pop()
+                if model.bypass(node, remove=False):
+                    dropped.append(node)
+        model.remove_nodes(dropped)
+    return len(dropped)
 
 
 class Canonicalize(Pass):
@@ -199,7 +210,8 @@ class Canonicalize(Pass):
         transposes = sink_transposes(model)
         pads = _fold_pad_into_conv(model)
         gemms = _matmul_add_to_gemm(model)
-        reshapes = _static_reshape_targets(model)
+        with model.live_naming():
+            reshapes = _static_reshape_targets(model)
         softmaxes = _last_axis_softmax(model)
         model.cleanup()
         if pads or dropped or reshapes or softmaxes or transposes:
