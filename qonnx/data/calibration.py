@@ -4,40 +4,36 @@ Sources: an `.npz` (keys = input names, leading axis = samples, read row by row
 from the archive so memory does not grow with its size), a folder of per-sample
 `.npy`/`.npz` files, an image folder with a preprocessing spec, or any Python
 iterable of feed dicts (an ORT CalibrationDataReader works too). Nothing is ever
-unpickled.
+unpickled; only regular files are read.
+
+Files are checked from their headers before any row is read (qonnx/data/npy.py: names, dtype,
+shape per sample, at most MAX_ROW_BYTES a sample for inputs with dynamic dims). At most
+`max_samples` samples are used (DEFAULT_MAX_SAMPLES = 1024; the first ones, one warning when
+the data holds more; None = no cap). A folder of samples of different shapes (a model with
+dynamic height and width) is read in batches of equal shapes.
 """
 
 from __future__ import annotations
 
 import logging
-import zipfile
-from dataclasses import dataclass
+import os
+import stat
 from pathlib import Path
 from typing import Any, Iterable, Iterator, Protocol, cast
 
 import numpy as np
 
 from qonnx.core.ir import Model
-from qonnx.data.images import ImageFolderSource, is_image_folder
-from qonnx.errors import InputError
+from qonnx.data.images import ImageFolderSource, image_files
+from qonnx.data.inputs import InputSpec, check_array, check_names, error_text, name_list, path_text, refuse
+from qonnx.data.npy import NpzSource, is_zip_archive, load_sample, not_regular, regular_files
+
+__all__ = ["DEFAULT_MAX_SAMPLES", "CalibrationSet", "FolderSource", "InputSpec", "IterableSource", "NpzSource",
+           "SampleSource", "open_calibration"]
 
 log = logging.getLogger(__name__)
 
-
-@dataclass(frozen=True)
-class InputSpec:
-    name: str
-    dtype: np.dtype
-    shape: tuple[Any, ...]  # ints for static dims, str/None for dynamic ones
-
-    @classmethod
-    def of_model(cls, model: Model) -> list[InputSpec]:
-        specs = []
-        for t in model.inputs:
-            dtype = Model.dtype_of(t)
-            specs.append(cls(t.name, np.dtype(dtype) if dtype is not None else np.dtype(np.float32),
-                             tuple(t.shape) if t.shape is not None else ()))
-        return specs
+DEFAULT_MAX_SAMPLES = 1024  # samples used at most unless the caller says otherwise (None = all)
 
 
 class SampleSource(Protocol):
@@ -48,154 +44,80 @@ class SampleSource(Protocol):
     def read(self, start: int, stop: int, batch_size: int) -> Iterator[dict[str, np.ndarray]]: ...
 
 
-# ---------------------------------------------------------------- .npz archives
-class _NpyMember:
-    """Sequential row reader for one array stored in a zip archive (no full load, no pickle)."""
-
-    def __init__(self, archive: zipfile.ZipFile, member: str, origin: str):
-        self.archive, self.member, self.origin = archive, member, origin
-        with archive.open(member) as f:
-            self.shape, self.dtype, self.fortran = self._header(f)
-
-    def _header(self, f) -> tuple[tuple[int, ...], np.dtype, bool]:
-        try:
-            version = np.lib.format.read_magic(f)
-            shape, fortran, dtype = (np.lib.format.read_array_header_1_0(f) if version == (1, 0)
-                                     else np.lib.format.read_array_header_2_0(f))
-        except ValueError as e:
-            raise InputError(f"{self.origin}: '{self.member}' is not a valid .npy array: {e}") from e
-        if dtype.hasobject:
-            raise InputError(f"{self.origin}: array '{self.member}' holds pickled Python objects; "
-                             "qonnx never unpickles calibration data (save plain numeric arrays)")
-        if not shape:
-            raise InputError(f"{self.origin}: array '{self.member}' is a scalar; a leading sample axis is needed")
-        return shape, dtype, fortran
-
-    def rows(self, start: int, stop: int, batch: int) -> Iterator[np.ndarray]:
-        row_shape = self.shape[1:]
-        row_bytes = int(np.prod(row_shape, dtype=np.int64)) * self.dtype.itemsize
-        if self.fortran and len(self.shape) > 1:
-            raise InputError(f"{self.origin}: array '{self.member}' is Fortran-ordered; save it C-contiguous")
-        with self.archive.open(self.member) as f:
-            self._header(f)
-            skip = start * row_bytes
-            while skip > 0:
-                chunk = f.read(min(skip, 1 << 24))
-                if not chunk:
-                    break
-                skip -= len(chunk)
-            pos = start
-            while pos < stop:
-                n = min(batch, stop - pos)
-                data = f.read(n * row_bytes)
-                if len(data) != n * row_bytes:
-                    raise InputError(f"{self.origin}: array '{self.member}' is truncated")
-                yield np.frombuffer(data, dtype=self.dtype).reshape((n, *row_shape))
-                pos += n
-
-
-class NpzSource:
-    def __init__(self, path: str | Path):
-        self.path = Path(path)
-        try:
-            self.archive = zipfile.ZipFile(self.path)
-        except (zipfile.BadZipFile, OSError) as e:
-            raise InputError(f"'{path}' is not a readable .npz archive: {e}") from e
-        self.members = {}
-        for info in self.archive.infolist():
-            if info.filename.endswith(".npy"):
-                self.members[info.filename[:-4]] = _NpyMember(self.archive, info.filename, str(self.path))
-        if not self.members:
-            raise InputError(f"'{path}' holds no arrays")
-        counts = {k: m.shape[0] for k, m in self.members.items()}
-        if len(set(counts.values())) > 1:
-            raise InputError(f"'{path}': arrays disagree on the number of samples (leading axis): {counts}")
-        self.count = next(iter(counts.values()))
-
-    def __len__(self) -> int:
-        return self.count
-
-    def read(self, start: int, stop: int, batch_size: int) -> Iterator[dict[str, np.ndarray]]:
-        streams = {k: m.rows(start, stop, batch_size) for k, m in self.members.items()}
-        while True:
-            feed = {}
-            for k, s in streams.items():
-                row = next(s, None)
-                if row is None:
-                    return
-                feed[k] = row
-            yield feed
-
-
 # ---------------------------------------------------------------- folders
 class FolderSource:
-    """One `.npy` (single-input models) or `.npz` file per sample, in sorted order."""
+    """One `.npy` (single-input models) or `.npz` file per sample, in sorted order.
 
-    def __init__(self, path: str | Path, input_names: list[str]):
+    Samples are stacked into batches of equal shapes: where the shapes change (a model with dynamic
+    height and width), a batch ends early.
+    """
+
+    def __init__(self, path: str | Path, specs: list[InputSpec]):
         self.path = Path(path)
-        self.files = sorted(p for p in self.path.iterdir() if p.suffix in (".npy", ".npz"))
-        self.input_names = input_names
-        if any(p.suffix == ".npy" for p in self.files) and len(input_names) != 1:
-            raise InputError(f"'{path}': .npy samples only work for single-input models; "
-                             f"this model has inputs {', '.join(input_names)}: use one .npz per sample")
+        self.specs = specs
+        self.input_names = [s.name for s in specs]
+        self.files = regular_files(self.path, lambda name: Path(name).suffix in (".npy", ".npz"))
+        if any(p.suffix == ".npy" for p in self.files) and len(specs) != 1:
+            raise refuse(f"'{path_text(path)}': .npy samples only work for single-input models; this model has "
+                         f"inputs {name_list(self.input_names)}: use one .npz per sample")
 
     def __len__(self) -> int:
         return len(self.files)
 
-    def _load(self, file: Path) -> dict[str, np.ndarray]:
-        try:
-            if file.suffix == ".npy":
-                return {self.input_names[0]: np.load(file, allow_pickle=False)}
-            with np.load(file, allow_pickle=False) as data:
-                return {k: data[k] for k in data.files}
-        except ValueError as e:
-            if "allow_pickle" in str(e):
-                raise InputError(f"'{file}' holds pickled Python objects; qonnx never unpickles calibration data") from e
-            raise InputError(f"'{file}' is not a readable numpy file: {e}") from e
-        except (OSError, zipfile.BadZipFile) as e:
-            raise InputError(f"'{file}' is not a readable numpy file: {e}") from e
-
     def read(self, start: int, stop: int, batch_size: int) -> Iterator[dict[str, np.ndarray]]:
-        for i in range(start, stop, batch_size):
-            files = self.files[i:min(stop, i + batch_size)]
-            samples = [self._load(f) for f in files]
-            batch = {}
-            for key in samples[0]:
-                if not all(key in s for s in samples):
-                    raise InputError(f"'{self.path}': not every sample file has the array '{key}'")
-                shapes = {s[key].shape for s in samples}
-                if len(shapes) > 1:
-                    raise InputError(f"'{self.path}': samples of '{key}' have different shapes "
-                                     f"{sorted(shapes)} (files {files[0].name}..{files[-1].name})")
-                batch[key] = np.stack([s[key] for s in samples])
-            yield batch
+        group: list[dict[str, np.ndarray]] = []
+        shapes: dict[str, tuple[int, ...]] = {}
+        for file in self.files[start:stop]:
+            sample = load_sample(file, self.specs)
+            sample_shapes = {k: v.shape for k, v in sample.items()}
+            if group and (len(group) == batch_size or sample_shapes != shapes):
+                yield self._stack(group)
+                group = []
+            shapes = sample_shapes
+            group.append(sample)
+        if group:
+            yield self._stack(group)
+
+    @staticmethod
+    def _stack(samples: list[dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
+        return {key: np.stack([s[key] for s in samples]) for key in samples[0]}
 
 
 # ---------------------------------------------------------------- iterables
 class IterableSource:
     """Feed dicts (each a batch) from a Python iterable or an ORT CalibrationDataReader.
 
-    One-shot iterators are read once and kept in memory (they cannot be replayed);
-    re-iterable containers are streamed on every pass.
+    One-shot iterators are read once and kept in memory (they cannot be replayed), no further
+    than the item that reaches `max_samples`; re-iterable containers are streamed on every pass.
     """
 
-    def __init__(self, data: Any):
+    def __init__(self, data: Any, max_samples: int | None = None):
+        self.more = 0  # samples in the first item of a one-shot iterator left unread (past max_samples)
         if hasattr(data, "get_next"):
-            batches = []
-            while (item := data.get_next()) is not None:
-                batches.append(item)
-            data = batches
+            data = self._take(_pull(data), max_samples)
         elif iter(data) is data:
-            data = list(data)
+            data = self._take(data, max_samples)
         self.data = data
         self.sizes = [self._batch_len(b) for b in self.data]
+
+    def _take(self, items: Iterable[Any], max_samples: int | None) -> list[Any]:
+        """The items of a one-shot iterator, up to the first that reaches max_samples."""
+        batches: list[Any] = []
+        count = 0
+        for item in items:
+            if max_samples is not None and count >= max_samples:
+                self.more = self._batch_len(item)
+                break
+            batches.append(item)
+            count += self._batch_len(item)
+        return batches
 
     @staticmethod
     def _batch_len(feed: Any) -> int:
         """Samples in a feed: its common leading size, or 1 for a feed that cannot be sliced
         (scalars, or inputs whose batch is not on axis 0, like an RNN state)."""
         if not isinstance(feed, dict) or not feed:
-            raise InputError("calibration iterable must yield non-empty dicts of input name -> array")
+            raise refuse("calibration iterable must yield non-empty dicts of input name -> array")
         sizes = {np.asarray(v).shape[0] if np.ndim(v) else None for v in feed.values()}
         return cast(int, sizes.pop()) if len(sizes) == 1 and None not in sizes else 1  # None excluded just before
 
@@ -229,7 +151,7 @@ class CalibrationSet:
         self.source, self.specs, self.origin = source, specs, origin
         self.start, self.stop = start, len(source) if stop is None else stop
         if self.stop - self.start <= 0:
-            raise InputError(f"{origin} is empty: no samples to calibrate on")
+            raise refuse(f"{origin} is empty: no samples to calibrate on")
 
     def __len__(self) -> int:
         return self.stop - self.start
@@ -266,54 +188,67 @@ class CalibrationSet:
         return next(self.head(n).batches(n))
 
     def _validate(self, feed: dict[str, np.ndarray], index: int) -> None:
-        names = {s.name for s in self.specs}
-        missing = sorted(names - feed.keys())
-        unknown = sorted(feed.keys() - names)
-        if missing or unknown:
-            parts = []
-            if missing:
-                parts.append(f"lacks model input(s) {', '.join(map(repr, missing))}")
-            if unknown:
-                parts.append(f"has unknown input(s) {', '.join(map(repr, unknown))}")
-            raise InputError(f"{self.origin} {' and '.join(parts)} (model inputs: {', '.join(sorted(names))})")
+        check_names(self.origin, feed.keys(), self.specs)
         for spec in self.specs:
             value = feed[spec.name]
-            if value.dtype != spec.dtype:
-                raise InputError(f"{self.origin}: input '{spec.name}' has dtype {value.dtype}, "
-                                 f"the model expects {spec.dtype}")
-            if spec.shape and value.ndim != len(spec.shape):
-                raise InputError(f"{self.origin}: input '{spec.name}' has shape {list(value.shape)} "
-                                 f"(rank {value.ndim}); the model expects rank {len(spec.shape)} {list(spec.shape)}")
-            for axis, (got, want) in enumerate(zip(value.shape, spec.shape)):
-                if axis > 0 and isinstance(want, int) and want > 0 and got != want:
-                    raise InputError(f"{self.origin}: input '{spec.name}' has shape {list(value.shape)}; "
-                                     f"the model expects {list(spec.shape)} (axis {axis} differs)")
+            check_array(spec, self.origin, value.dtype, value.shape)
             if np.issubdtype(value.dtype, np.floating) and not np.all(np.isfinite(value)):
                 bad = int(np.argwhere((~np.isfinite(value.reshape(len(value), -1))).any(axis=1))[0, 0])
-                raise InputError(f"{self.origin}: input '{spec.name}' has NaN or Inf values "
-                                 f"(sample {index + bad})")
+                raise refuse(f"{self.origin}: input '{spec.name}' has NaN or Inf values (sample {index + bad})")
 
 
-def open_calibration(data: Any, model: Model, preprocess: str | None = None) -> CalibrationSet:
-    """Build a validated CalibrationSet from a path, folder, image folder or iterable."""
-    specs = InputSpec.of_model(model)
+def _pull(reader: Any) -> Iterator[Any]:
+    while (item := reader.get_next()) is not None:
+        yield item
+
+
+def open_calibration(data: Any, model: Model, preprocess: str | None = None,
+                     max_samples: int | None = DEFAULT_MAX_SAMPLES) -> CalibrationSet:
+    """Build a validated CalibrationSet from a path, folder, image folder or iterable.
+
+    At most `max_samples` samples are used, the first ones (default DEFAULT_MAX_SAMPLES = 1024; None = no
+    cap); when the data holds more, one warning gives both counts. A CalibrationSet is returned as it is.
+    Files are checked from their headers here, before any sample is read.
+    """
+    if max_samples is not None and (isinstance(max_samples, bool) or not isinstance(max_samples, int)
+                                    or max_samples < 1):
+        raise refuse(f"max_samples must be a positive whole number or None, got {max_samples!r}")
     if isinstance(data, CalibrationSet):
         return data
-    if isinstance(data, (str, Path)):
-        path = Path(data)
-        if not path.exists():
-            raise InputError(f"calibration data '{path}' does not exist")
-        if path.is_dir():
-            if preprocess or is_image_folder(path):
-                if len(specs) != 1:
-                    raise InputError("image-folder calibration needs a single-input model")
-                return CalibrationSet(ImageFolderSource(path, preprocess, specs[0]), specs, origin=str(path))
-            return CalibrationSet(FolderSource(path, [s.name for s in specs]), specs, origin=str(path))
-        if path.suffix == ".npz" or zipfile.is_zipfile(path):
-            return CalibrationSet(NpzSource(path), specs, origin=str(path))
-        raise InputError(f"calibration data '{path}' is neither an .npz archive nor a folder")
-    if isinstance(data, dict):
-        return CalibrationSet(IterableSource([data]), specs, origin="calibration arrays")
-    if isinstance(data, Iterable) or hasattr(data, "get_next"):
-        return CalibrationSet(IterableSource(data), specs, origin="calibration iterable")
-    raise InputError(f"unsupported calibration data of type {type(data).__name__}")
+    specs = InputSpec.of_model(model)
+    if isinstance(data, (str, os.PathLike)):
+        calibration = _open_path(Path(data), specs, preprocess)
+    elif isinstance(data, dict):
+        calibration = CalibrationSet(IterableSource([data]), specs, origin="calibration arrays")
+    elif isinstance(data, Iterable) or hasattr(data, "get_next"):
+        calibration = CalibrationSet(IterableSource(data, max_samples), specs, origin="calibration iterable")
+    else:
+        raise refuse(f"unsupported calibration data of type {type(data).__name__}")
+    more = calibration.source.more if isinstance(calibration.source, IterableSource) else 0
+    if max_samples is not None and (more or len(calibration) > max_samples):
+        held = f"at least {len(calibration) + more}" if more else str(len(calibration))
+        log.warning("%s holds %s samples: using the first %d (max_samples=%d; None uses all)",
+                    calibration.origin, held, max_samples, max_samples)
+        calibration = calibration.head(max_samples)
+    return calibration
+
+
+def _open_path(path: Path, specs: list[InputSpec], preprocess: str | None) -> CalibrationSet:
+    origin = path_text(path)
+    try:
+        mode = os.stat(path).st_mode
+    except (FileNotFoundError, NotADirectoryError):
+        raise refuse(f"calibration data '{origin}' does not exist") from None
+    except (OSError, ValueError) as e:
+        raise refuse(f"calibration data '{origin}' cannot be read: {error_text(e)}") from e
+    if stat.S_ISDIR(mode):
+        if preprocess or image_files(path):
+            if len(specs) != 1:
+                raise refuse("image-folder calibration needs a single-input model")
+            return CalibrationSet(ImageFolderSource(path, preprocess, specs[0]), specs, origin=origin)
+        return CalibrationSet(FolderSource(path, specs), specs, origin=origin)
+    if not stat.S_ISREG(mode):
+        raise not_regular(f"calibration data '{origin}'", mode)
+    if path.suffix == ".npz" or is_zip_archive(path, f"calibration data '{origin}'"):
+        return CalibrationSet(NpzSource(path, specs), specs, origin=origin)
+    raise refuse(f"calibration data '{origin}' is neither an .npz archive nor a folder")

@@ -13,13 +13,15 @@ from typing import Iterator
 
 import numpy as np
 
-from qonnx.errors import InputError
+from qonnx.data.inputs import clip, error_text, path_text, refuse
+from qonnx.data.npy import open_regular, regular_files
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff", ".ppm"}
 
 
-def is_image_folder(path: Path) -> bool:
-    return any(p.suffix.lower() in IMAGE_SUFFIXES for p in path.iterdir())
+def image_files(path: Path) -> list[Path]:
+    """The images of a folder, sorted (only regular files: a FIFO named like an image is refused)."""
+    return regular_files(path, lambda name: Path(name).suffix.lower() in IMAGE_SUFFIXES)
 
 
 @dataclass(frozen=True)
@@ -41,10 +43,10 @@ class ImagePreprocess:
         values: dict[str, object] = {}
         for part in text.split(","):
             if "=" not in part:
-                raise InputError(f"preprocessing spec: '{part}' needs the form key=value")
+                raise refuse(f"preprocessing spec: '{clip(part, 40)}' needs the form key=value")
             key, raw = (s.strip() for s in part.split("=", 1))
             if key not in known:
-                raise InputError(f"preprocessing spec: unknown key '{key}' (known: {', '.join(sorted(known))})")
+                raise refuse(f"preprocessing spec: unknown key '{clip(key, 40)}' (known: {', '.join(sorted(known))})")
             try:
                 if key in ("resize", "crop"):
                     values[key] = int(raw)
@@ -55,12 +57,12 @@ class ImagePreprocess:
                 else:
                     values[key] = raw.lower()
             except ValueError:
-                raise InputError(f"preprocessing spec: bad value '{raw}' for '{key}'") from None
+                raise refuse(f"preprocessing spec: bad value '{clip(raw, 40)}' for '{key}'") from None
         spec = cls(**values)  # type: ignore[arg-type]
         if spec.layout not in ("nchw", "nhwc") or spec.color not in ("rgb", "bgr"):
-            raise InputError("preprocessing spec: layout must be nchw or nhwc and color rgb or bgr")
+            raise refuse("preprocessing spec: layout must be nchw or nhwc and color rgb or bgr")
         if spec.interpolation not in ("bicubic", "bilinear", "nearest"):
-            raise InputError("preprocessing spec: interpolation must be bicubic, bilinear or nearest")
+            raise refuse("preprocessing spec: interpolation must be bicubic, bilinear or nearest")
         return spec
 
 
@@ -77,7 +79,7 @@ def load_image(path: Path, spec: ImagePreprocess, size: int) -> np.ndarray:
     resample = {"bicubic": Image.Resampling.BICUBIC, "bilinear": Image.Resampling.BILINEAR,
                 "nearest": Image.Resampling.NEAREST}
     try:
-        with Image.open(path) as opened:
+        with open_regular(path, f"image '{path_text(path)}'") as file, Image.open(file) as opened:
             img = opened.convert("RGB")
             crop = spec.crop or size
             short = spec.resize or int(round(crop / 0.875))
@@ -90,8 +92,8 @@ def load_image(path: Path, spec: ImagePreprocess, size: int) -> np.ndarray:
             img = img.crop((left, top, left + crop, top + crop))
             # Plain ndarray: numpy's stubs wrongly type the float division below as complex128.
             pixels: np.ndarray = np.asarray(img, dtype=np.float32)
-    except OSError as e:
-        raise InputError(f"cannot read image '{path}': {e}") from e
+    except (OSError, ValueError, SyntaxError, EOFError, Image.DecompressionBombError) as e:
+        raise refuse(f"cannot read image '{path_text(path)}': {error_text(e)}") from e
     if spec.color == "bgr":
         pixels = pixels[..., ::-1]
     pixels = (pixels * spec.scale - np.asarray(spec.mean, np.float32)) / np.asarray(spec.std, np.float32)
@@ -103,13 +105,13 @@ def load_image(path: Path, spec: ImagePreprocess, size: int) -> np.ndarray:
 class ImageFolderSource:
     def __init__(self, path: Path, spec_text: str | None, input_spec) -> None:
         self.spec = ImagePreprocess.parse(spec_text)
-        self.files = sorted(p for p in path.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
+        self.files = image_files(path)
         self.name = input_spec.name
         shape = list(input_spec.shape)
         spatial = shape[2:4] if self.spec.layout == "nchw" else shape[1:3]
         self.size = next((d for d in spatial if isinstance(d, int) and d > 0), 0) or self.spec.crop
         if not self.size:
-            raise InputError("the model's input has no static spatial size: give crop=N in the preprocessing spec")
+            raise refuse("the model's input has no static spatial size: give crop=N in the preprocessing spec")
 
     def __len__(self) -> int:
         return len(self.files)

@@ -78,7 +78,7 @@ def synthetic_statistics(model: Model, ctx: PassContext, names: list[str], input
     feeds = {t.name: pink_noise_images(t.shape, samples, input_range, seed=int(ctx.rng(f"synthetic:{t.name}")
                                                                                .integers(2**31)))
              for t in model.graph.inputs}
-    data = open_calibration(feeds, model)
+    data = open_calibration(feeds, model, max_samples=None)
     return stream_statistics(model, names, data, threads=ctx.threads, progress=ctx.progress)[0]
 
 
