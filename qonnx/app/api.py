@@ -4,18 +4,22 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import onnx
+import onnxruntime as ort
 
 from qonnx._version import __version__
+from qonnx.app.paths import Target, check_run
 from qonnx.core.ir import Model, import_model, load_model
 from qonnx.core.modelio import save_model
 from qonnx.data.calibration import CalibrationSet, open_calibration
-from qonnx.errors import InputError
+from qonnx.errors import ExportError, InputError
 from qonnx.export import EXPORTERS, Exporter
 from qonnx.infra.context import PassContext
 from qonnx.infra.instruments import Instrument, NumericVerifier, PassRecord, Reproducer, StructuralVerifier
@@ -23,8 +27,9 @@ from qonnx.infra.manager import PassManager
 from qonnx.infra.pipeline import Pipeline
 from qonnx.numerics.metrics import Fidelity
 from qonnx.passes import parse_pipeline
+from qonnx.runtime.compare import sample_feed
 from qonnx.runtime.fusion import FusionReport, fusion_report
-from qonnx.runtime.ort import make_session
+from qonnx.runtime.ort import session_options
 
 log = logging.getLogger(__name__)
 
@@ -64,13 +69,62 @@ def _exporter(export_format: str) -> Exporter:
     return EXPORTERS[export_format]
 
 
+_ORT_PREFIX = re.compile(r"^\[ONNXRuntimeError\] : \d+ : \w+ : ")
+_CPP_FRAME = re.compile(r"\S+\.(?:h|cc|cpp):\d+ [^()]*\([^()]*\) (?:const )?")  # "file.h:46 void f(args) "
+
+
+def ort_reason(error: BaseException, limit: int = 200) -> str:
+    """ORT's message in one line: its first line, without the error-code prefix and C++ frames, truncated."""
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    text = _CPP_FRAME.sub("", _ORT_PREFIX.sub("", lines[0])).strip() if lines else type(error).__name__
+    return text if len(text) <= limit else text[:limit - 3] + "..."
+
+
+def _quiet_session(model: bytes, threads: int | None) -> ort.InferenceSession:
+    """`make_session`'s session, with ORT's own error log off: its failures are reported as one line."""
+    opts = session_options(threads)
+    opts.log_severity_level = 4
+    return ort.InferenceSession(model, opts, providers=["CPUExecutionProvider"])
+
+
+def _run(session: ort.InferenceSession, feed: dict[str, np.ndarray]) -> np.ndarray:
+    return session.run(None, feed)[0]
+
+
+def check_ort_runs(model: bytes, feed: dict[str, np.ndarray], threads: int | None = None,
+                   generated: bool = False) -> None:
+    """Refuse (InputError, one line) a float model ONNX Runtime cannot load or run on `feed` (one sample).
+
+    `generated`: the feed is seeded noise (no calibration data), which the message says.
+    """
+    try:
+        session = _quiet_session(model, threads)
+    except Exception as e:  # ORT's errors are plain Exception subclasses
+        raise InputError(f"ONNX Runtime cannot load the input model: {ort_reason(e)}") from e
+    try:
+        _run(session, feed)
+    except Exception as e:
+        on = " on generated inputs" if generated else ""
+        raise InputError(f"ONNX Runtime cannot run the input model{on}: {ort_reason(e)}") from e
+
+
 def evaluate_fidelity(reference: bytes, candidate: bytes, data: CalibrationSet, batch_size: int = 8,
                       threads: int | None = None) -> dict[str, Any]:
-    ref_sess = make_session(reference, threads)
-    cand_sess = make_session(candidate, threads)
+    sessions = []
+    for model, error, which in ((reference, InputError, "input"), (candidate, ExportError, "quantized")):
+        try:
+            sessions.append(_quiet_session(model, threads))
+        except Exception as e:
+            raise error(f"ONNX Runtime cannot load the {which} model: {ort_reason(e)}") from e
     fidelity = Fidelity()
     for feed in data.batches(batch_size):
-        fidelity.update(ref_sess.run(None, feed)[0], cand_sess.run(None, feed)[0])
+        outputs = []
+        for session, error, which in ((sessions[0], InputError, "input"), (sessions[1], ExportError, "quantized")):
+            try:
+                outputs.append(_run(session, feed))
+            except Exception as e:
+                raise error(f"ONNX Runtime cannot run the {which} model: {ort_reason(e)}") from e
+        fidelity.update(outputs[0], outputs[1])
     return fidelity.as_dict()
 
 
@@ -99,19 +153,32 @@ def optimize(
     `preprocess`), a dict of arrays, or an iterable of feed dicts. `holdout`
     samples from its tail are kept out of calibration and used to report
     fidelity to the float model (default: 10%, at most 64).
+
+    Before any pass, ONNX Runtime runs the float model once (on the first calibration sample, or on seeded
+    inputs without calibration data): a model it cannot load or run is refused with InputError, and no
+    reproducer is written (that is for qonnx's own failures). A `reproducer_dir` is checked first against the
+    files the run reads (qonnx.app.paths).
     """
     exporter = _exporter(export_format)
+    if reproducer_dir:
+        check_run(model, calibration, [Target(Path(reproducer_dir), "reproducer folder", folder=True)])
     ir = _as_model(model)
     source_bytes = ir.to_bytes()
     pipe = pipeline if isinstance(pipeline, Pipeline) else parse_pipeline(pipeline)
     calib = heldout = None
+    feed = None
     if calibration is not None:
         full = open_calibration(calibration, ir, preprocess)
-        full.first_batch(1)  # fail on wrong names/shapes/dtypes now, not inside a pass
+        feed = full.first_batch(1)  # fail on wrong names/shapes/dtypes now, not inside a pass
         n_hold = holdout if holdout is not None else min(64, len(full) // 10)
         calib, heldout = full.split(n_hold)
     ctx = PassContext(calibration=calib, seed=seed, threads=threads, progress=progress)
     pipe.validate(ctx.available())
+    # A model ORT cannot run is the input's problem, not a pass's: refuse it before any pass (no reproducer).
+    if feed is None:
+        check_ort_runs(source_bytes, sample_feed(ir, None, seed, batch=1), threads, generated=True)
+    else:
+        check_ort_runs(source_bytes, feed, threads)
     instruments: list[Instrument] = [StructuralVerifier(), NumericVerifier()] if verify else []
     reproducer = Reproducer(reproducer_dir) if reproducer_dir else None
     ir, records = PassManager(pipe, instruments, reproducer).run(ir, ctx)
@@ -150,21 +217,20 @@ def _nothing_quantized_note(kept_float: dict[str, str]) -> str:
 
 
 def quantize_file(input_path: str | os.PathLike[str], output_path: str | os.PathLike[str], calibration: Any = None,
-                  **kwargs: Any) -> OptimizeResult:
-    """`optimize` from a file to a file, refusing to overwrite the input."""
+                  *, report_path: str | os.PathLike[str] | None = None, **kwargs: Any) -> OptimizeResult:
+    """`optimize` from a file to a file, refusing to overwrite the input.
+
+    Before any work, the output, `report_path` (a file the caller writes afterwards, e.g. a JSON report; this
+    function does not write it) and the reproducer folder are checked against every file the run reads: see
+    qonnx.app.paths.
+    """
     src, dst = Path(input_path), Path(output_path)
-    if dst.exists() and src.exists() and dst.resolve() == src.resolve():
-        raise InputError(f"output '{dst}' is the input model: choose another path (the input is never overwritten)")
-    if calibration is not None and isinstance(calibration, (str, os.PathLike)) and dst.exists() \
-            and Path(calibration).exists() and dst.resolve() == Path(calibration).resolve():
-        raise InputError(f"output '{dst}' is the calibration data: choose another path")
-    parent = dst.parent if str(dst.parent) else Path(".")
-    if parent.exists() and not parent.is_dir():
-        raise InputError(f"output directory '{parent}' is not a directory")
-    if not parent.exists():
-        raise InputError(f"output directory '{parent}' does not exist")
-    if not os.access(parent, os.W_OK):
-        raise InputError(f"output directory '{parent}' is not writable")
+    writes = [Target(dst, "output")]
+    if report_path is not None:
+        writes.append(Target(Path(report_path), "report"))
+    if kwargs.get("reproducer_dir"):
+        writes.append(Target(Path(kwargs["reproducer_dir"]), "reproducer folder", folder=True))
+    check_run(src, calibration, writes)
     result = optimize(src, calibration, **kwargs)
     result.save(dst)
     return result

@@ -26,7 +26,7 @@ def run_bench(models: list[Path], data: Path | None = None, labels: Path | None 
     for other in models[1:]:
         read_model_proto(other)  # a clear error for a file that is not a model
     rows: list[dict[str, Any]] = [{"model": str(p), "size_bytes": p.stat().st_size} for p in models]
-    evaluation = open_calibration(data, reference) if data is not None else None
+    evaluation = open_calibration(data, reference, max_samples=None) if data is not None else None
     truth = np.load(labels, allow_pickle=False) if labels is not None else None
 
     if evaluation is not None:

@@ -5,13 +5,19 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import signal
 import sys
+import threading
 from pathlib import Path
+from types import FrameType
+from typing import Any, NoReturn
 
 import click
 
 from qonnx.errors import QonnxError
 from qonnx.export import EXPORTERS
+
+_MAX_LINE = 299  # every error is one line under 300 characters
 
 
 def _setup_logging(verbose: int) -> None:
@@ -19,17 +25,83 @@ def _setup_logging(verbose: int) -> None:
     logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
 
 
-def _fail(error: Exception) -> None:
+def _fail(error: Exception) -> NoReturn:
     message = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-    click.echo(f"error: {message}", err=True)
+    line = f"error: {message}"
+    click.echo(line if len(line) <= _MAX_LINE else line[:_MAX_LINE - 3] + "...", err=True)
     sys.exit(2)
+
+
+_EXIT_CODES = {signal.SIGINT: 130, signal.SIGTERM: 143}  # 128 + the signal number, as shells report it
+
+
+class _Interrupts:
+    """SIGINT and SIGTERM both raise KeyboardInterrupt, so `finally` blocks and temporary-file cleanup run
+    on either; the signal is remembered, so a run whose interrupt some code swallowed still fails."""
+
+    def __init__(self) -> None:
+        self.received: int | None = None
+        self.exiting = False
+        self.previous: dict[int, Any] = {}
+
+    def _handle(self, signum: int, frame: FrameType | None) -> None:
+        self.received = self.received or signum
+        if not self.exiting:
+            raise KeyboardInterrupt
+
+    def __enter__(self) -> _Interrupts:
+        if threading.current_thread() is threading.main_thread():  # handlers can only be set there
+            self.previous = {s: signal.signal(s, self._handle) for s in _EXIT_CODES}
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for s, handler in self.previous.items():
+            signal.signal(s, handler)
+
+    def exit(self) -> NoReturn:
+        self.exiting = True
+        signum = signal.Signals(self.received or signal.SIGINT)
+        click.echo(f"error: interrupted by {signum.name}", err=True)
+        sys.exit(_EXIT_CODES[signum])
+
+
+class _Main(click.Group):
+    """The `qonnx` group: an interrupted command prints one line and exits 130 (SIGINT) or 143 (SIGTERM)."""
+
+    def invoke(self, ctx: click.Context) -> Any:
+        with _Interrupts() as interrupts:
+            try:
+                result = super().invoke(ctx)
+            except KeyboardInterrupt:
+                interrupts.exit()
+            except SystemExit:
+                if interrupts.received:
+                    interrupts.exit()
+                raise
+            if interrupts.received:
+                interrupts.exit()
+            return result
+
+
+def _check_writes(models: list[Path], data: Path | None, writes: list[Any]) -> None:
+    """qonnx.app.paths' rule for a command that reads `models` and `data` (function-local import: CLI startup)."""
+    from qonnx.app.paths import check_outputs, run_reads
+
+    reads = [r for i, m in enumerate(models) for r in run_reads(m, data if i == 0 else None)]
+    check_outputs(reads, writes)
+
+
+def _write_report(payload: Any, path: Path, **dumps: Any) -> None:
+    from qonnx.core.modelio import write_bytes_atomic
+
+    write_bytes_atomic(json.dumps(payload, indent=2, **dumps).encode(), path)
 
 
 def _size(n: int) -> str:
     return f"{n / 1e6:.2f} MB" if n >= 1e5 else f"{n / 1e3:.1f} kB"
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.group(cls=_Main, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(package_name="qonnx-opt", prog_name="qonnx")
 def main() -> None:
     """qonnx: post-training quantization of ONNX models for ONNX Runtime."""
@@ -41,9 +113,9 @@ def main() -> None:
 
 
 @main.command()
-@click.argument("model", type=click.Path(dir_okay=False, path_type=Path))
-@click.option("-o", "--output", required=True, type=click.Path(dir_okay=False, path_type=Path),
-              help="Where to write the quantized model (never the input).")
+@click.argument("model", type=click.Path(path_type=Path))
+@click.option("-o", "--output", required=True, type=click.Path(path_type=Path),
+              help="Where to write the quantized model (never a file qonnx reads).")
 @click.option("--calib-data", type=click.Path(path_type=Path),
               help=".npz (keys = input names), a folder of per-sample .npy/.npz, or an image folder.")
 @click.option("--preprocess", help="Image folder preprocessing, e.g. 'resize=256,crop=224,mean=127,std=128'.")
@@ -57,7 +129,7 @@ def main() -> None:
                    "requantization (check it with `qonnx inspect --integer-check`).")
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--holdout", type=int, default=None, help="Calibration samples held out for the fidelity check.")
-@click.option("--json", "json_out", type=click.Path(dir_okay=False, path_type=Path), help="Also write the report as JSON.")
+@click.option("--json", "json_out", type=click.Path(path_type=Path), help="Also write the report as JSON.")
 @click.option("-v", "--verbose", count=True, help="-v for pass logs, -vv for debug.")
 def optimize(model: Path, output: Path, calib_data: Path | None, preprocess: str | None, preset: str | None,
              passes_text: str | None, data_free: bool, fmt: str, seed: int, holdout: int | None,
@@ -73,15 +145,24 @@ def optimize(model: Path, output: Path, calib_data: Path | None, preprocess: str
             raise InputError("--data-free uses no calibration data and its own preset (dfq): "
                              "drop --calib-data/--preset, or use --preset without --data-free")
         pipeline = resolve("dfq" if data_free and not passes_text else preset, passes_text)
-        result = quantize_file(model, output, calib_data, pipeline=pipeline, seed=seed, holdout=holdout,
-                               preprocess=preprocess, progress=sys.stderr.isatty(),
+        result = quantize_file(model, output, calib_data, report_path=json_out, pipeline=pipeline, seed=seed,
+                               holdout=holdout, preprocess=preprocess, progress=sys.stderr.isatty(),
                                reproducer_dir=output.parent / (output.name + ".reproducer"), export_format=fmt)
+        layers = len(result.ir.quant.layers)
+        fused = result.fusion.integer_count if result.fusion else 0
+        if json_out:
+            report = {
+                "pipeline": str(result.pipeline), "layers": layers, "integer_kernels": fused,
+                "size_before": result.size_before, "size_after": result.size_after, "fidelity": result.fidelity,
+                "passes": [dataclasses.asdict(r) for r in result.records], "notes": result.notes,
+            }
+            try:
+                _write_report(report, json_out, default=str)
+            except QonnxError as e:
+                raise QonnxError(f"{e} (the model was written to {output})") from e
     except QonnxError as e:
         _fail(e)
-        return
     click.echo(f"pipeline: {result.pipeline}")
-    layers = len(result.ir.quant.layers)
-    fused = result.fusion.integer_count if result.fusion else 0
     click.echo(f"quantized layers: {layers}; {result.fusion.describe() if result.fusion else 'no quantization'}")
     click.echo(f"size: {_size(result.size_before)} -> {_size(result.size_after)}")
     if result.fidelity:
@@ -90,20 +171,11 @@ def optimize(model: Path, output: Path, calib_data: Path | None, preprocess: str
     for note in result.notes:
         click.echo(f"note: {note}")
     click.echo(f"wrote {output}")
-    if json_out:
-        from qonnx.core.modelio import write_bytes_atomic
-
-        report = {
-            "pipeline": str(result.pipeline), "layers": layers, "integer_kernels": fused,
-            "size_before": result.size_before, "size_after": result.size_after, "fidelity": result.fidelity,
-            "passes": [dataclasses.asdict(r) for r in result.records], "notes": result.notes,
-        }
-        write_bytes_atomic(json.dumps(report, indent=2, default=str).encode(), json_out)
 
 
 @main.command()
-@click.argument("model", type=click.Path(dir_okay=False, path_type=Path))
-@click.option("-o", "--output", required=True, type=click.Path(dir_okay=False, path_type=Path),
+@click.argument("model", type=click.Path(path_type=Path))
+@click.option("-o", "--output", required=True, type=click.Path(path_type=Path),
               help="Where to write the fine-tuned quantized model.")
 @click.option("--calib-data", required=True, type=click.Path(path_type=Path),
               help="Calibration inputs (ranges, and the distillation data when there is no --train-data).")
@@ -183,27 +255,25 @@ def list_passes() -> None:
               help=".npy of integer labels (one per sample) to report accuracy.")
 @click.option("--threads", default="1", show_default=True, help="Thread counts, e.g. '1,2'.")
 @click.option("--runs", type=int, default=50, show_default=True)
-@click.option("--json", "json_out", type=click.Path(dir_okay=False, path_type=Path))
+@click.option("--json", "json_out", type=click.Path(path_type=Path))
 @click.option("-v", "--verbose", count=True)
 def bench(models: tuple[Path, ...], data: Path | None, labels: Path | None, threads: str, runs: int,
           json_out: Path | None, verbose: int) -> None:
     """Compare latency, size and fidelity of MODELS (the first is the reference)."""
     _setup_logging(verbose)
-    from qonnx.app.bench import run_bench
+    from qonnx.app.bench import format_table, run_bench
+    from qonnx.app.paths import Target
 
     try:
+        if json_out:
+            _check_writes([*models, *([labels] if labels else [])], data, [Target(json_out, "report")])
         thread_counts = [int(t) for t in threads.split(",") if t.strip()]
         rows = run_bench(list(models), data=data, labels=labels, threads=thread_counts, runs=runs)
+        click.echo(format_table(rows))
+        if json_out:
+            _write_report(rows, json_out)
     except (QonnxError, ValueError) as e:
         _fail(e)
-        return
-    from qonnx.app.bench import format_table
-
-    click.echo(format_table(rows))
-    if json_out:
-        from qonnx.core.modelio import write_bytes_atomic
-
-        write_bytes_atomic(json.dumps(rows, indent=2).encode(), json_out)
 
 
 @main.command()
@@ -215,7 +285,7 @@ def bench(models: tuple[Path, ...], data: Path | None, labels: Path | None, thre
 @click.option("--passes", "passes_text", help="A pipeline text.")
 @click.option("--holdout", type=int, default=32, show_default=True, help="Samples used to measure errors.")
 @click.option("--top", type=int, default=20, show_default=True, help="Rows to print.")
-@click.option("--json", "json_out", type=click.Path(dir_okay=False, path_type=Path))
+@click.option("--json", "json_out", type=click.Path(path_type=Path))
 @click.option("-v", "--verbose", count=True)
 def attribute(model: Path, calib_data: Path, preprocess: str | None, preset: str | None, passes_text: str | None,
               holdout: int, top: int, json_out: Path | None, verbose: int) -> None:
@@ -223,25 +293,25 @@ def attribute(model: Path, calib_data: Path, preprocess: str | None, preset: str
     _setup_logging(verbose)
     from qonnx.app.api import optimize
     from qonnx.app.attribution import attribute_errors, format_attribution
+    from qonnx.app.paths import Target
     from qonnx.data.calibration import open_calibration
     from qonnx.passes import resolve
 
     try:
+        if json_out:
+            _check_writes([model], calib_data, [Target(json_out, "report")])
         result = optimize(model, calib_data, pipeline=resolve(preset, passes_text), holdout=holdout,
                           preprocess=preprocess, check_fusion=False, progress=sys.stderr.isatty())
         _, heldout = open_calibration(calib_data, result.ir, preprocess).split(holdout)
         if heldout is None:
             raise QonnxError("not enough calibration samples to hold some out")
         rows = attribute_errors(result.ir, heldout, progress=sys.stderr.isatty())
+        click.echo(f"whole model: {result.fidelity}")
+        click.echo(format_attribution(rows, top))
+        if json_out:
+            _write_report([r.as_dict() for r in rows], json_out)
     except QonnxError as e:
         _fail(e)
-        return
-    click.echo(f"whole model: {result.fidelity}")
-    click.echo(format_attribution(rows, top))
-    if json_out:
-        from qonnx.core.modelio import write_bytes_atomic
-
-        write_bytes_atomic(json.dumps([r.as_dict() for r in rows], indent=2).encode(), json_out)
 
 
 @main.command()
@@ -250,7 +320,7 @@ def attribute(model: Path, calib_data: Path, preprocess: str | None, preset: str
               "(int-only models): fraction of exactly equal elements and the largest difference in LSBs.")
 @click.option("--data", type=click.Path(exists=True, path_type=Path), help="Inputs (.npz or folder) for the check.")
 @click.option("--samples", type=int, default=16, show_default=True, help="Samples to check (0 = all).")
-@click.option("--json", "json_out", type=click.Path(dir_okay=False, path_type=Path))
+@click.option("--json", "json_out", type=click.Path(path_type=Path))
 @click.option("-v", "--verbose", count=True)
 def inspect(model: Path, integer_check: bool, data: Path | None, samples: int, json_out: Path | None,
             verbose: int) -> None:
@@ -258,10 +328,13 @@ def inspect(model: Path, integer_check: bool, data: Path | None, samples: int, j
     _setup_logging(verbose)
     from collections import Counter
 
+    from qonnx.app.paths import Target
     from qonnx.core.modelio import read_model_proto
     from qonnx.errors import InputError
 
     try:
+        if json_out:
+            _check_writes([model], data, [Target(json_out, "report")])
         proto = read_model_proto(model)
         ops = Counter(n.op_type for n in proto.graph.node)
         click.echo("operators: " + ", ".join(f"{v} {k}" for k, v in sorted(ops.items())))
@@ -276,19 +349,16 @@ def inspect(model: Path, integer_check: bool, data: Path | None, samples: int, j
             from qonnx.data.calibration import open_calibration
             from qonnx.export.intref import integer_check as run_check
 
-            inputs = open_calibration(data, Model.from_onnx(proto))
+            inputs = open_calibration(data, Model.from_onnx(proto), max_samples=None)
             if samples:
                 inputs = inputs.head(samples)
             report = run_check(proto, inputs.batches(1))
             click.echo(report.describe())
+        if json_out:
+            payload = {"operators": dict(sorted(ops.items())), "integer_check": report.as_dict() if report else None}
+            _write_report(payload, json_out)
     except QonnxError as e:
         _fail(e)
-        return
-    if json_out:
-        from qonnx.core.modelio import write_bytes_atomic
-
-        payload = {"operators": dict(sorted(ops.items())), "integer_check": report.as_dict() if report else None}
-        write_bytes_atomic(json.dumps(payload, indent=2).encode(), json_out)
 
 
 @main.command()
@@ -316,27 +386,30 @@ def sensitivity(model: Path, calib_data: Path, out_dir: Path, preprocess: str | 
     import io
 
     from qonnx.app.pareto import DEFAULT_PIPELINE, pareto_sweep, plot_pareto
+    from qonnx.app.paths import Target
     from qonnx.core.modelio import write_bytes_atomic
 
     try:
         if points < 2:
             raise QonnxError("--points needs at least 2 (the all-int4 and all-int8 ends)")
+        if out_dir.exists():  # else none of its files exists, so none can be a file qonnx reads
+            _check_writes([model], calib_data, [Target(out_dir / name, f"--out file '{name}'") for name in
+                                                ("sensitivity.json", "layers.csv", "pareto.json", "pareto.png")])
         out_dir.mkdir(parents=True, exist_ok=True)
         fractions = tuple(float(f) for f in (i / (points - 1) for i in range(points)))
         sweep = pareto_sweep(model, calib_data, pipeline=passes_text or DEFAULT_PIPELINE, fractions=fractions,
                              objective=objective, holdout=holdout, seed=seed, preprocess=preprocess,
                              progress=sys.stderr.isatty(), cache_file=out_dir / "sensitivity.json")
-    except QonnxError as e:
+        layers = sweep["layers"]
+        buffer = io.StringIO()
+        writer = csv.DictWriter(buffer, fieldnames=list(layers[0]), lineterminator="\n")
+        writer.writeheader()
+        writer.writerows(layers)
+        write_bytes_atomic(buffer.getvalue().encode(), out_dir / "layers.csv")
+        write_bytes_atomic(json.dumps(sweep, indent=1, default=str).encode(), out_dir / "pareto.json")
+        plot_pareto(sweep, out_dir / "pareto.png")
+    except (QonnxError, OSError) as e:
         _fail(e)
-        return
-    layers = sweep["layers"]
-    buffer = io.StringIO()
-    writer = csv.DictWriter(buffer, fieldnames=list(layers[0]), lineterminator="\n")
-    writer.writeheader()
-    writer.writerows(layers)
-    write_bytes_atomic(buffer.getvalue().encode(), out_dir / "layers.csv")
-    write_bytes_atomic(json.dumps(sweep, indent=1, default=str).encode(), out_dir / "pareto.json")
-    plot_pareto(sweep, out_dir / "pareto.png")
     click.echo(f"sensitivity ({sweep['objective']}, {sweep['loss']} of '{sweep['target']}') of {len(layers)} "
                f"layers in {sweep['sensitivity_seconds']:.1f}s; most sensitive at int4:")
     click.echo(f"{'weight':48s} {'params':>9s} {'omega int4':>11s} {'omega int8':>11s}")
