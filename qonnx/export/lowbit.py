@@ -20,6 +20,7 @@ from qonnx.errors import ExportError
 log = logging.getLogger(__name__)
 
 INT4_OPSET = 21  # DequantizeLinear/QuantizeLinear on int4/uint4 and blocked scales
+FLOAT16_QDQ_OPSET = 19  # QuantizeLinear/DequantizeLinear with float16 scales (and float16 input/output)
 MS_DOMAIN = "com.microsoft"
 
 
@@ -31,21 +32,22 @@ def low_bit_weights(model: Model) -> dict[str, TensorQuant]:
     return {n: e for n, e in model.quant.of_role(Role.WEIGHT).items() if e.scheme.bits <= PACKED_BITS}
 
 
-def with_opset(model: Model, opset: int) -> Model:
+def with_opset(model: Model, opset: int, needed_by: str = "int4 weights") -> Model:
     """A copy of `model` converted to `opset` with the ONNX version converter (quant state carried over)."""
     if model.opset >= opset:
         return model
     try:
         converted = version_converter.convert_version(model.to_onnx(), opset)
     except Exception as e:  # the converter raises bare RuntimeErrors for ops it cannot adapt
-        raise ExportError(f"int4 weights need opset {opset}, and converting the model from opset "
-                          f"{model.opset} failed: {e}") from e
+        reason = " ".join(str(e).split())[:200]
+        raise ExportError(f"{needed_by} need opset {opset}, and converting the model from opset "
+                          f"{model.opset} failed: {reason}") from e
     upgraded = Model.from_onnx(converted, model.source_path)._with_state_of(model)
     upgraded.opset = opset
     missing = sorted(set(upgraded.quant.tensors) - set(upgraded.tensors()))
     if missing:
         raise ExportError(f"converting to opset {opset} renamed tensor '{missing[0]}' of the quant table")
-    log.info("opset %d -> %d for int4 weights", model.opset, opset)
+    log.info("opset %d -> %d for %s", model.opset, opset, needed_by)
     return upgraded
 
 

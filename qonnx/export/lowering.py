@@ -117,6 +117,11 @@ class Lowering:
         for node_name, op in self.table.node_entries():
             if ops.get(node_name) != op:
                 raise ExportError(f"quant table names {op} '{node_name}', which is not in the graph")
+        tensors = self.m.tensors()
+        float16 = [n for n in sorted(self.table.tensors) if self.m.dtype_of(tensors[n]) == np.float16]
+        if float16:
+            raise ExportError(f"tensor '{float16[0][:60]}' is float16: the {self.format_name} format's QLinear/integer "
+                              "operators take float32 scales and values only (export float16 models as qdq)")
 
     # ------------------------------------------------------------- constants
     def const(self, hint: str, values: np.ndarray | np.number):

@@ -5,6 +5,10 @@
 - bias: int32 with scale s_x * s_w (the Conv/Gemm selectors need int32);
 - activations: QuantizeLinear -> a single DequantizeLinear (the S8->U8 and
   selector rules want exactly one DQ per Q; ORT duplicates shared DQs itself).
+Float16 models: scales are float16 (the type of the tensor they give back), which QuantizeLinear and
+DequantizeLinear take from opset 19 (older models are converted). ORT's CPU EP runs them correctly but
+fuses no float16 QDQ group into an integer kernel: the layers run in float16 (float, on x86) on
+dequantized weights and activations.
 The input model is not modified.
 """
 
@@ -20,6 +24,7 @@ from qonnx.core.ops import nbits_applies
 from qonnx.core.qtable import QuantState, Role, TensorQuant
 from qonnx.errors import ExportError
 from qonnx.export.lowbit import (
+    FLOAT16_QDQ_OPSET,
     INT4_OPSET,
     PACKED_BITS,
     export_matmul_nbits,
@@ -27,7 +32,7 @@ from qonnx.export.lowbit import (
     pack_int4_initializers,
     with_opset,
 )
-from qonnx.numerics.quant import quantize
+from qonnx.numerics.quant import quantize, scale_in_float_type
 from qonnx.quantize.parameters import quantized_weight_codes
 
 log = logging.getLogger(__name__)
@@ -37,8 +42,13 @@ def _np_dtype(entry: TensorQuant) -> type:
     return entry.scheme.numpy_dtype
 
 
-def _param_constants(m: Model, base: str, entry: TensorQuant, zp_dtype: type):
-    scale = np.asarray(entry.scale, dtype=np.float32)
+def _float_type(dtype) -> type:
+    """The type of a Q/DQ scale (and of the DequantizeLinear output): float16 for float16 tensors, else float32."""
+    return np.float16 if dtype is not None and np.dtype(dtype) == np.float16 else np.float32
+
+
+def _param_constants(m: Model, base: str, entry: TensorQuant, zp_dtype: type, float_type: type = np.float32):
+    scale = scale_in_float_type(entry.scale, float_type)
     zero_point: np.ndarray = np.asarray(entry.zero_point).astype(zp_dtype)
     if entry.scheme.axis is None:
         scale, zero_point = scale.reshape(()), zero_point.reshape(())
@@ -61,8 +71,9 @@ def _export_constant(m: Model, tensor, entry: TensorQuant, codes: np.ndarray) ->
     values = np.asarray(tensor.values)
     dtype = _np_dtype(entry)
     q = m.make_constant(tensor.name + "_quantized", codes.astype(dtype))
-    scale, zp = _param_constants(m, tensor.name, entry, dtype)
-    out = m.make_variable(tensor.name + "_dequantized", dtype=np.float32, shape=list(values.shape))
+    float_type = _float_type(values.dtype)
+    scale, zp = _param_constants(m, tensor.name, entry, dtype, float_type)
+    out = m.make_variable(tensor.name + "_dequantized", dtype=float_type, shape=list(values.shape))
     m.add_node("DequantizeLinear", [q, scale, zp], [out], _dq_attrs(entry, values.ndim),
                name=tensor.name + "_DequantizeLinear")
     m.replace_uses(tensor, out)
@@ -73,11 +84,12 @@ def _export_constant(m: Model, tensor, entry: TensorQuant, codes: np.ndarray) ->
 
 def _export_activation(m: Model, tensor, entry: TensorQuant) -> None:
     dtype = _np_dtype(entry)
-    scale, zp = _param_constants(m, tensor.name, entry, dtype)
+    float_type = _float_type(m.dtype_of(tensor))
+    scale, zp = _param_constants(m, tensor.name, entry, dtype, float_type)
     consumers = [c for c in m.consumers(tensor)]
     is_output = m.is_graph_output(tensor)
     quantized = m.make_variable(tensor.name + "_quantized", dtype=dtype, shape=tensor.shape)
-    dequantized = m.make_variable(tensor.name + "_dequantized", dtype=np.float32, shape=tensor.shape)
+    dequantized = m.make_variable(tensor.name + "_dequantized", dtype=float_type, shape=tensor.shape)
     m.add_node("QuantizeLinear", [tensor, scale, zp], [quantized], name=tensor.name + "_QuantizeLinear")
     if entry.scheme.bits < 8:
         # A 3/4-bit grid held in uint8: Q saturates at the type's [0, 255], so a Clip on the codes narrows it
@@ -92,8 +104,10 @@ def _export_activation(m: Model, tensor, entry: TensorQuant) -> None:
     m.add_node("DequantizeLinear", [quantized, scale, zp], [dequantized], name=tensor.name + "_DequantizeLinear")
     for consumer in consumers:
         consumer.inputs = [dequantized if t is tensor else t for t in consumer.inputs]
-    if is_output:
-        # The graph keeps its interface: the output name now carries the dequantized value.
+    if is_output and not any(t is tensor for t in m.inputs):
+        # The graph keeps its interface: the output name now carries the dequantized value. A graph input
+        # that is also an output keeps its name and returns the input as it is (renaming it would rename
+        # the input); only its consumers read the dequantized value.
         name = tensor.name
         tensor.name = m.unique_name(name + "_prequant")
         dequantized.name = name
@@ -148,6 +162,8 @@ def export_qdq(model: Model, nbits_accuracy_level: int = 0, pack_int4: bool = Tr
         raise ExportError(f"{len(uncalibrated)} tensors have no quantization parameters yet "
                           f"(e.g. '{uncalibrated[0]}'): run a calibration pass before exporting")
     m = model.copy()
+    if m.opset < FLOAT16_QDQ_OPSET and _float16_entries(m):
+        m = with_opset(m, FLOAT16_QDQ_OPSET, "float16 QuantizeLinear/DequantizeLinear")
     nbits = _nbits_layers(m)
     if any(name not in nbits and (pack_int4 or e.scheme.block_size) for name, e in low_bit_weights(m).items()):
         m = with_opset(m, INT4_OPSET)
@@ -159,6 +175,13 @@ def export_qdq(model: Model, nbits_accuracy_level: int = 0, pack_int4: bool = Tr
     proto = m.to_onnx()
     pack_int4_initializers(proto, int4_initializers)
     return proto
+
+
+def _float16_entries(m: Model) -> list[str]:
+    """Quantized tensors of type float16 (their Q/DQ need opset 19)."""
+    tensors = m.tensors()
+    return [name for name in sorted(m.quant.tensors)
+            if name in tensors and _float_type(m.dtype_of(tensors[name])) is np.float16]
 
 
 def _export_entries(m: Model, nbits: dict, nbits_accuracy_level: int, pack_int4: bool,
@@ -217,6 +240,12 @@ def export_dynamic_matmul(m: Model, node_name: str, entry: TensorQuant) -> None:
     assert entry.scale is not None and entry.zero_point is not None  # protect calibrates every dynamic entry
     codes = quantize(w, entry.scale, entry.zero_point, entry.scheme).astype(np.int8)
     base = node_name
+    if _float_type(m.dtype_of(x)) is np.float16:  # DynamicQuantizeLinear takes float32 only
+        x32 = m.make_variable(base + "_input_float32", dtype=np.float32, shape=x.shape)
+        m.add_node("Cast", [x], [x32], {"to": onnx.TensorProto.FLOAT}, name=base + "_input_Cast")
+        out16, out = out, m.make_variable(base + "_output_float32", dtype=np.float32, shape=out.shape)
+        m.add_node("Cast", [out], [out16], {"to": onnx.TensorProto.FLOAT16}, name=base + "_output_Cast")
+        x = x32
     xq = m.make_variable(base + "_input_quantized", dtype=np.uint8)
     xs = m.make_variable(base + "_input_scale", dtype=np.float32, shape=[])
     xzp = m.make_variable(base + "_input_zero_point", dtype=np.uint8, shape=[])

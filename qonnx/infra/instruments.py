@@ -19,7 +19,7 @@ from qonnx.core.modelio import save_model, write_bytes_atomic
 from qonnx.errors import VerificationError
 from qonnx.infra.base import Pass
 from qonnx.infra.context import PassContext
-from qonnx.runtime.compare import compare_float_models
+from qonnx.runtime.compare import compare_float_models, refuse_unrunnable_types, verify_rtol
 
 
 @dataclass
@@ -66,13 +66,18 @@ class StructuralVerifier:
 
 
 class NumericVerifier:
-    """Exact passes must leave the float outputs unchanged (to a relative tolerance)."""
+    """Exact passes must leave the float outputs unchanged (to a relative tolerance).
 
-    def __init__(self, rtol: float = 1e-4):
+    The tolerance is that of the model's coarsest float type (qonnx.runtime.compare.VERIFY_RTOL: 1e-4 for
+    float32, 2e-3 for float16, 1.6e-2 for bfloat16) unless `rtol` fixes one. A model ORT's CPU EP cannot run
+    (bfloat16) is refused before the first pass: it could be neither verified nor calibrated.
+    """
+
+    def __init__(self, rtol: float | None = None):
         self.rtol = rtol
 
     def before_pass(self, p: Pass, model: Model, ctx: PassContext) -> None:
-        pass
+        refuse_unrunnable_types(model)
 
     def after_pass(self, p: Pass, before: Model | None, after: Model, record: PassRecord,
                    ctx: PassContext) -> None:
@@ -80,9 +85,10 @@ class NumericVerifier:
             return
         worst = compare_float_models(before, after, ctx.calibration, ctx.seed)
         record.stats["max_rel_change"] = worst
-        if worst > self.rtol:
+        rtol = self.rtol if self.rtol is not None else verify_rtol(before)
+        if worst > rtol:
             raise VerificationError(
-                f"exact pass '{p.name}' changed the float outputs by {worst:.3g} (relative), above {self.rtol:g}"
+                f"exact pass '{p.name}' changed the float outputs by {worst:.3g} (relative), above {rtol:g}"
             )
 
 

@@ -8,6 +8,7 @@ symmetric signed grids are restricted to [-(2^(b-1)-1), 2^(b-1)-1]).
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
@@ -131,6 +132,17 @@ def _params(param: np.ndarray, x: np.ndarray, scheme: QuantScheme) -> np.ndarray
         if param.shape[scheme.axis % x.ndim] != x.shape[scheme.axis % x.ndim]:  # not expanded yet
             param = expand_blocked(param, x.shape, scheme.axis, scheme.block_size)
     return _broadcast(param, x, scheme.axis)
+
+
+def scale_in_float_type(scale: Any, float_type: Any = np.float32) -> np.ndarray:
+    """A scale as the float type of its tensor: float32 as it is; float16 rounded to nearest, kept positive
+    (a scale below float16's smallest subnormal, 6e-8, becomes that; one above its largest finite value, 65504,
+    becomes that), so that a float16 QuantizeLinear never divides by zero or infinity."""
+    if np.dtype(float_type) != np.float16:
+        return np.asarray(scale, dtype=np.float32)
+    info = np.finfo(np.float16)
+    clipped = np.clip(np.asarray(scale, np.float64), float(info.smallest_subnormal), float(info.max))
+    return clipped.astype(np.float16)
 
 
 def quantize(x: np.ndarray, scale: np.ndarray, zero_point: np.ndarray, scheme: QuantScheme) -> np.ndarray:

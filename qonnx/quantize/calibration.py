@@ -15,7 +15,7 @@ from qonnx.core.qtable import QuantState, Role
 from qonnx.infra.context import PassContext
 from qonnx.numerics.quant import scale_zero_point
 from qonnx.numerics.ranges import RangeOptions, activation_range
-from qonnx.quantize.parameters import calibrate_weights, set_bias_params
+from qonnx.quantize.parameters import calibrate_weights, in_tensor_type, set_bias_params
 from qonnx.quantize.planning import replan_excluding
 
 
@@ -58,7 +58,7 @@ def calibrate(model: Model, ctx: PassContext, settings: CalibrationSettings) -> 
         rmin, rmax = activation_range(stats[name], scheme, methods[name], range_opts)
         scale, zp = scale_zero_point(rmin, rmax, scheme)
         if entry is not None:
-            entry.scale, entry.zero_point, entry.method = scale, zp, methods[name]
+            entry.scale, entry.zero_point, entry.method = in_tensor_type(model, tensors[name], scale), zp, methods[name]
             entry.state = QuantState.CALIBRATED
     for name, entry in acts.items():
         root = table.root(name)
@@ -66,7 +66,8 @@ def calibrate(model: Model, ctx: PassContext, settings: CalibrationSettings) -> 
             src = table.get(root)
             if src is None or src.scale is None:  # a root quantized only through its tie
                 rmin, rmax = activation_range(stats[root], entry.scheme, methods[root], range_opts)
-                entry.scale, entry.zero_point = scale_zero_point(rmin, rmax, entry.scheme)
+                scale, entry.zero_point = scale_zero_point(rmin, rmax, entry.scheme)
+                entry.scale = in_tensor_type(model, tensors[root], scale)
             else:
                 entry.scale, entry.zero_point = src.scale, src.zero_point
             entry.method, entry.state = methods[root], QuantState.CALIBRATED

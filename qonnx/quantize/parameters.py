@@ -6,7 +6,7 @@ import numpy as np
 
 from qonnx.core.ir import Model
 from qonnx.core.qtable import QuantState, Role, TensorQuant
-from qonnx.numerics.quant import quantize, scale_zero_point
+from qonnx.numerics.quant import quantize, scale_in_float_type, scale_zero_point
 from qonnx.numerics.ranges import RangeOptions
 from qonnx.numerics.weight_ranges import weight_range
 
@@ -22,6 +22,14 @@ def _guard_bias(bias: np.ndarray, s_x: float, s_w: np.ndarray) -> tuple[np.ndarr
     return np.where(grow, need, s_w).astype(np.float32), int(np.count_nonzero(grow))
 
 
+def in_tensor_type(model: Model, tensor, scale: np.ndarray) -> np.ndarray:
+    """A float16 tensor's scale rounded to float16 (held as float32), the value its Q/DQ will hold, so that codes
+    computed from the table equal what the exported model computes; other scales are returned as they are."""
+    if model.dtype_of(tensor) != np.float16:
+        return scale
+    return scale_in_float_type(scale, np.float16).astype(np.float32)
+
+
 def calibrate_weights(model: Model, method: str, range_opts: RangeOptions | None = None) -> None:
     """Weight ranges (data independent); weights already rounded (AdaRound) keep their scales."""
     tensors = model.tensors()
@@ -31,7 +39,8 @@ def calibrate_weights(model: Model, method: str, range_opts: RangeOptions | None
         values = model.constant_value(tensors[name])
         assert values is not None  # plan quantizes constant weights only
         rmin, rmax = weight_range(values, entry.scheme, method, range_opts or RangeOptions())
-        entry.scale, entry.zero_point = scale_zero_point(rmin, rmax, entry.scheme)
+        scale, entry.zero_point = scale_zero_point(rmin, rmax, entry.scheme)
+        entry.scale = in_tensor_type(model, tensors[name], scale)
         entry.method, entry.state = method, QuantState.CALIBRATED
 
 
@@ -53,7 +62,8 @@ def set_bias_params(model: Model) -> int:
         if w_entry.state is not QuantState.ROUNDED:
             w_entry.scale, n = _guard_bias(bias, float(x_entry.scale), np.asarray(w_entry.scale))
             grown += n
-        entry.scale = (np.float32(x_entry.scale) * w_entry.scale).astype(np.float32).reshape(-1)
+        entry.scale = in_tensor_type(model, tensors[name],
+                                     (np.float32(x_entry.scale) * w_entry.scale).astype(np.float32).reshape(-1))
         entry.zero_point = np.zeros(entry.scale.shape, np.int64)
         entry.state = QuantState.CALIBRATED
     return grown

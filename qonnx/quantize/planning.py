@@ -30,6 +30,16 @@ from qonnx.numerics.quant import QuantScheme
 
 ACTIVATION_BITS = {"uint8": 8, "uint4": 4, "uint3": 3}
 
+# Float types whose layers are quantized. QuantizeLinear/DequantizeLinear take float16 from opset 19 (the QDQ
+# exporter converts older models); ORT's CPU EP then runs float16 QDQ models correctly but fuses none of them
+# into integer kernels. bfloat16 is not here: ORT's CPU EP cannot run it at all (the model is refused).
+QUANTIZABLE_FLOATS = (np.dtype(np.float32), np.dtype(np.float16))
+
+
+def is_quantizable_float(model: Model, tensor) -> bool:
+    """True for a float32 or float16 tensor (Model.is_float is float32 only)."""
+    return model.dtype_of(tensor) in QUANTIZABLE_FLOATS
+
 
 @dataclass(frozen=True)
 class PlanOptions:
@@ -75,7 +85,7 @@ def absorbed_output(model: Model, node):
     consumers = model.consumers(out)
     if len(consumers) == 1 and not model.is_graph_output(out) and consumers[0].op in ABSORBED_ACTIVATIONS:
         bounds = model.clip_bounds(consumers[0])
-        if bounds is not None and bounds[0] == 0.0 and model.is_float(consumers[0].outputs[0]):
+        if bounds is not None and bounds[0] == 0.0 and is_quantizable_float(model, consumers[0].outputs[0]):
             return consumers[0].outputs[0]
     return out
 
@@ -104,8 +114,8 @@ class Planner:
     def compute(self, node) -> None:
         m = self.model
         x = node.inputs[0]
-        if not m.is_float(x):
-            return self.keep_float(node, "input is not float32")
+        if not is_quantizable_float(m, x):
+            return self.keep_float(node, "input is not float32 or float16")
         if node.op == "Gemm" and (int(node.attrs.get("transA", 0)) or float(node.attrs.get("alpha", 1)) != 1
                                   or float(node.attrs.get("beta", 1)) != 1):
             return self.keep_float(node, "Gemm with transA/alpha/beta is not fused by ORT")
@@ -114,7 +124,7 @@ class Planner:
         weight_name = bias_name = None
         if w is not None:
             axis = weight_axis(m, node)
-            if axis is None or w.dtype != np.float32:
+            if axis is None or w.dtype != m.dtype_of(x):
                 return self.keep_float(node, "weight layout or dtype not supported")
             scheme = self.weight_scheme(node, w, axis)
             if (prev := self.table.get(w_t.name)) is not None and prev.scheme != scheme:
@@ -129,7 +139,7 @@ class Planner:
                 if b is None or b.shape != (channels,) or len(m.consumers(node.inputs[2])) != 1:
                     return self.keep_float(node, "bias is not a 1-D constant of the layer alone")
                 bias_name = node.inputs[2].name
-        elif node.op == "MatMul" and m.is_float(w_t):
+        elif node.op == "MatMul" and is_quantizable_float(m, w_t):
             if self.weight_only:
                 return self.keep_float(node, "MatMul of two activations (weight-only plan)")
             if not self.opts.activation_matmul:
@@ -180,9 +190,9 @@ class Planner:
         inputs = [t for t in node.inputs if t.name]
         if node.op in ("Add", "Mul") and len(inputs) != 2:
             return
-        if any(m.is_constant(t) or t.name not in self.quantizable or not m.is_float(t) for t in inputs):
+        if any(m.is_constant(t) or t.name not in self.quantizable or not is_quantizable_float(m, t) for t in inputs):
             return
-        if not m.is_float(node.outputs[0]):
+        if not is_quantizable_float(m, node.outputs[0]):
             return
         for t in inputs:
             self.activation(t)
@@ -193,7 +203,7 @@ class Planner:
         parameters, so the saturating quantizer of x already clips at the largest bound."""
         m = self.model
         x, bound = node.inputs[0], m.constant_value(node.inputs[1]) if len(node.inputs) == 2 else None
-        if bound is None or np.any(bound < 0) or x.name not in self.quantizable or not m.is_float(x):
+        if bound is None or np.any(bound < 0) or x.name not in self.quantizable or not is_quantizable_float(m, x):
             return
         out = node.outputs[0]
         self.activation(x)
@@ -205,10 +215,10 @@ class Planner:
     def same_params(self, node) -> None:
         m = self.model
         data = node.inputs[0]
-        if data.name not in self.quantizable or not m.is_float(data):
+        if data.name not in self.quantizable or not is_quantizable_float(m, data):
             return
         for out in node.outputs:
-            if m.is_float(out):
+            if is_quantizable_float(m, out):
                 # Only recorded: an entry (tied to the source) is created if a consumer needs it.
                 self.quantizable.add(out.name)
                 self.parent[out.name] = data.name
