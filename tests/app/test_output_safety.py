@@ -18,12 +18,11 @@ from pathlib import Path
 import numpy as np
 import onnx
 import pytest
-from click.testing import CliRunner
 
 from qonnx.app import api, paths
 from qonnx.app.api import optimize, quantize_file
-from qonnx.app.cli import main
 from qonnx.errors import InputError
+from tests.app.test_cli import invoke
 from tests.helpers import conv_bn_relu_conv, file_state, make_samples, save_model, save_npz
 
 
@@ -41,15 +40,6 @@ def work(tmp_path):
     for i, x in enumerate(samples["x"]):
         np.save(tmp_path / "calib" / f"{i:03d}.npy", x)
     return tmp_path
-
-
-def invoke(args, cwd: Path):
-    old = os.getcwd()
-    os.chdir(cwd)
-    try:
-        return CliRunner().invoke(main, [str(a) for a in args], catch_exceptions=True)
-    finally:
-        os.chdir(old)
 
 
 def one_line_error(result, *needles: str) -> str:
