@@ -29,7 +29,7 @@ from qonnx.numerics.metrics import Fidelity
 from qonnx.passes import parse_pipeline
 from qonnx.runtime.compare import sample_feed
 from qonnx.runtime.fusion import FusionReport, fusion_report
-from qonnx.runtime.ort import session_options
+from qonnx.runtime.ort import make_session
 
 log = logging.getLogger(__name__)
 
@@ -80,13 +80,6 @@ def ort_reason(error: BaseException, limit: int = 200) -> str:
     return text if len(text) <= limit else text[:limit - 3] + "..."
 
 
-def _quiet_session(model: bytes, threads: int | None) -> ort.InferenceSession:
-    """`make_session`'s session, with ORT's own error log off: its failures are reported as one line."""
-    opts = session_options(threads)
-    opts.log_severity_level = 4
-    return ort.InferenceSession(model, opts, providers=["CPUExecutionProvider"])
-
-
 def _run(session: ort.InferenceSession, feed: dict[str, np.ndarray]) -> np.ndarray:
     return session.run(None, feed)[0]
 
@@ -98,7 +91,7 @@ def check_ort_runs(model: bytes, feed: dict[str, np.ndarray], threads: int | Non
     `generated`: the feed is seeded noise (no calibration data), which the message says.
     """
     try:
-        session = _quiet_session(model, threads)
+        session = make_session(model, threads, quiet=True)
     except Exception as e:  # ORT's errors are plain Exception subclasses
         raise InputError(f"ONNX Runtime cannot load the input model: {ort_reason(e)}") from e
     try:
@@ -113,7 +106,7 @@ def evaluate_fidelity(reference: bytes, candidate: bytes, data: CalibrationSet, 
     sessions = []
     for model, error, which in ((reference, InputError, "input"), (candidate, ExportError, "quantized")):
         try:
-            sessions.append(_quiet_session(model, threads))
+            sessions.append(make_session(model, threads, quiet=True))
         except Exception as e:
             raise error(f"ONNX Runtime cannot load the {which} model: {ort_reason(e)}") from e
     fidelity = Fidelity()

@@ -32,7 +32,8 @@ def quiet_ort_logging() -> None:
 
 
 def session_options(threads: int | None = None, level: str = "all", optimized_path: str | None = None,
-                    spinning: bool = True) -> ort.SessionOptions:
+                    spinning: bool = True, quiet: bool = False) -> ort.SessionOptions:
+    """`quiet`: ORT logs nothing itself (callers that report ORT's failures as one line of their own)."""
     opts = ort.SessionOptions()
     opts.graph_optimization_level = {
         "none": ort.GraphOptimizationLevel.ORT_DISABLE_ALL,
@@ -44,7 +45,7 @@ def session_options(threads: int | None = None, level: str = "all", optimized_pa
         opts.intra_op_num_threads = threads
         opts.inter_op_num_threads = 1
     opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
-    opts.log_severity_level = 3
+    opts.log_severity_level = 4 if quiet else 3
     if not spinning:  # idle ORT threads must not spin while numpy works between runs
         opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
     if optimized_path:
@@ -53,12 +54,12 @@ def session_options(threads: int | None = None, level: str = "all", optimized_pa
 
 
 def make_session(model: bytes | str | os.PathLike[str] | onnx.ModelProto, threads: int | None = None,
-                 level: str = "all", spinning: bool = True) -> ort.InferenceSession:
+                 level: str = "all", spinning: bool = True, quiet: bool = False) -> ort.InferenceSession:
     if isinstance(model, onnx.ModelProto):
         model = model.SerializeToString()
     if isinstance(model, os.PathLike):
         model = str(model)
-    return ort.InferenceSession(model, session_options(threads, level, spinning=spinning),
+    return ort.InferenceSession(model, session_options(threads, level, spinning=spinning, quiet=quiet),
                                 providers=["CPUExecutionProvider"])
 
 
